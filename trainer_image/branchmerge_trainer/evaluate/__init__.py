@@ -1,0 +1,1 @@
+"""Eval stage: benchmarks, generation, answer checking and the code sandbox."""

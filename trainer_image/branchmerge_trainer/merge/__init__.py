@@ -1,0 +1,1 @@
+"""Merge stage: streaming tensor engine and merge methods."""

@@ -1,0 +1,1 @@
+"""Merge methods: one small pure function over tensors each."""

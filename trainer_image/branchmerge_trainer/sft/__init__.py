@@ -1,0 +1,1 @@
+"""SFT stage: data loading, chat templating, packing and the training loop."""
