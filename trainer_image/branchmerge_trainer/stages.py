@@ -33,10 +33,21 @@ MAX_RESULT_BYTES = 3800
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 URI_PATTERN = r"^(s3://[^/\s]+(/\S*)?|file://\S+|/\S*)$"
 
-#: Words that smell like a credential; a spec must reference a Secret instead.
+#: Words that smell like a credential; a spec must reference a Secret instead. Matched
+#: against the key split into words (camelCase / snake_case / kebab-case), so that
+#: `maxNewTokens` or `tokenizerSource` are not mistaken for a `token`.
 _SECRET_KEY_WORDS = re.compile(
-    r"(secret_?access_?key|access_?key_?id|aws_?secret|password|passwd|token|api_?key)", re.I
+    r"(^|_)(secret|password|passwd|token|credentials?|session_token)(_|$)|(access|secret|api|private)_?key",
+    re.I,
 )
+#: Values that are unmistakably cloud credentials (AWS access key ids).
+_SECRET_VALUES = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
+
+
+def _key_words(key: str) -> str:
+    """`secretAccessKey` / `SECRET-ACCESS-KEY` -> `secret_access_key`."""
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key)
+    return re.sub(r"[^a-z0-9]+", "_", snake.lower()).strip("_")
 
 
 class Model(BaseModel):
@@ -83,7 +94,7 @@ def reject_inline_secrets(data: Any, path: str = "spec") -> None:
     """Raise if a mapping key looks like a credential (keys belong in a referenced Secret)."""
     if isinstance(data, dict):
         for key, value in data.items():
-            if isinstance(key, str) and _SECRET_KEY_WORDS.search(key) and key != "credentialsSecret":
+            if isinstance(key, str) and _SECRET_KEY_WORDS.search(_key_words(key)) and key != "credentialsSecret":
                 raise ValueError(
                     f"{path}.{key}: credentials are not allowed in the spec; put them in a "
                     "Kubernetes Secret and name it in spec.output.credentialsSecret"
@@ -92,6 +103,11 @@ def reject_inline_secrets(data: Any, path: str = "spec") -> None:
     elif isinstance(data, list):
         for i, item in enumerate(data):
             reject_inline_secrets(item, f"{path}[{i}]")
+    elif isinstance(data, str) and _SECRET_VALUES.search(data):
+        raise ValueError(
+            f"{path}: looks like a cloud access key; credentials are not allowed in the spec; put them "
+            "in a Kubernetes Secret and name it in spec.output.credentialsSecret"
+        )
 
 
 # --------------------------------------------------------------------------- storage
@@ -320,6 +336,30 @@ class BenchmarkConfig(Model):
     @classmethod
     def _uri(cls, v: str) -> str:
         return check_uri(v, "uri")
+
+    def with_preset(self) -> BenchmarkConfig:
+        """This benchmark with its preset's protocol filled into the fields the user left unset
+        (explicit settings win). The planner calls it, so fingerprints and the eval stage see
+        the final values."""
+        if self.preset is None:
+            return self
+        preset = BENCHMARK_PRESETS[self.preset]
+        update = {k: v for k, v in preset.items() if k != "kind" and k not in self.model_fields_set}
+        return self.model_copy(update=update)
+
+
+#: The paper's evaluation protocol (sampling, pass@1 averaged over N samples per problem).
+BENCHMARK_PRESETS: dict[str, dict[str, Any]] = {
+    "aime2024": {"kind": "math", "samples": 16, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 32768},
+    "livecodebench": {"kind": "code", "samples": 4, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 32768},
+    "gpqa_diamond": {
+        "kind": "multiple_choice",
+        "samples": 4,
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "max_new_tokens": 32768,
+    },
+}
 
 
 class EvalStage(StageBase):
