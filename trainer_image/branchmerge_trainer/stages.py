@@ -308,6 +308,14 @@ class MergeStage(StageBase):
     seed: int = 0
     shard_size_mb: Annotated[int, Field(ge=1)] = 2000
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    committed_models: list[str] = Field(
+        default_factory=list,
+        description="Models that must be committed stage outputs (with _MANIFEST.json), e.g. branch outputs; "
+        "other models may be plain Hugging Face directories.",
+    )
+    prefetch_mb: Annotated[int, Field(ge=16)] = Field(
+        default=512, description="Bound on tensor bytes read ahead and in flight (memory ~ this + one tensor)."
+    )
 
 
 # --------------------------------------------------------------------------- eval
@@ -436,3 +444,5 @@ class Progress(Model):
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
     epoch: float | None = None
+    bytes_done: int | None = Field(default=None, description="Bytes processed so far (merge: output bytes written).")
+    bytes_total: int | None = None

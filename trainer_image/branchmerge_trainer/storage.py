@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -161,14 +161,20 @@ class Storage(ABC):
         stage: str = "",
         metrics: dict[str, float] | None = None,
         extra: dict[str, Any] | None = None,
+        digests: Mapping[str, str] | None = None,
     ) -> Manifest:
-        """Upload every file of ``local_dir`` under ``prefix``, then the manifest last."""
+        """Upload every file of ``local_dir`` under ``prefix``, then the manifest last.
+
+        ``digests`` (relative path -> sha256) are hashes the caller computed while writing
+        the files, so large outputs are not read back just to hash them."""
         files: list[FileEntry] = []
+        known = digests or {}
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             rel = path.relative_to(local_dir).as_posix()
             if rel == MANIFEST:
                 continue
-            files.append(FileEntry(path=rel, size=path.stat().st_size, sha256=sha256_file(path)))
+            digest = known.get(rel) or sha256_file(path)
+            files.append(FileEntry(path=rel, size=path.stat().st_size, sha256=digest))
             self.upload_file(path, join(prefix, rel))
         manifest = Manifest(
             fingerprint=fingerprint, stage=stage, files=files, metrics=metrics or {}, extra=extra or {}
