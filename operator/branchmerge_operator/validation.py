@@ -15,6 +15,17 @@ from typing import Annotated, Any, NamedTuple, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
 
+from .naming import DNS_1035_LABEL, DNS_1123_LABEL, DNS_1123_SUBDOMAIN
+
+#: Regular expressions users should not have to read: what they mean, in words.
+PATTERN_HINTS = {
+    DNS_1123_SUBDOMAIN: "a Kubernetes object name: lower-case letters, digits, '-' and '.', "
+    "starting and ending with a letter or digit",
+    DNS_1123_LABEL: "a DNS label: lower-case letters, digits and '-', starting and ending with a letter or digit",
+    DNS_1035_LABEL: "a DNS label starting with a letter: lower-case letters, digits and '-'",
+    r"^[a-z0-9][a-z0-9_.-]*$": "lower-case letters, digits, '_', '.' and '-', starting with a letter or digit",
+}
+
 
 class Issue(NamedTuple):
     """One problem: where (field path as written in the manifest), what, and how to fix it."""
@@ -124,6 +135,10 @@ def _describe(err: Any, root: type[BaseModel] | None) -> tuple[str, str | None]:
         return f"{msg} (got {_short(given)})", None
     if kind.endswith("_parsing") or kind.endswith("_type"):
         return f"{msg} (got {_short(given)})", "give a value of the documented type"
+    if kind == "string_pattern_mismatch":
+        pattern = (err.get("ctx") or {}).get("pattern", "")
+        if pattern in PATTERN_HINTS:
+            return f"{_short(given)} is not valid here", f"use {PATTERN_HINTS[pattern]}"
     if kind in ("string_pattern_mismatch", "string_too_long", "greater_than", "greater_than_equal",
                 "less_than", "less_than_equal", "too_short", "too_long", "string_too_short"):
         return f"{msg} (got {_short(given)})", None
