@@ -1,0 +1,263 @@
+"""kopf handlers: *when* to reconcile. What to do is the planner's job, how to apply it is
+reconcile.py's.
+
+Level-based: every trigger — the resource created, resumed after an operator restart or
+changed, a child's event (BranchJob, Job, Pod with our labels), a delayed requeue, the
+safety-net timer — leads to the same idempotent reconcile of the whole object from what is
+observed now. Children are observed through kopf indexes, which kopf fills completely before
+any handler runs, so a restarted operator never mistakes "not listed yet" for "gone".
+
+All handlers are coroutines: kopf would run plain functions in a thread pool, and the
+reconcilers live on the event loop.
+
+Import this module to register the handlers (``kopf run -m branchmerge_operator.handlers``
+or ``branchmerge operator``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import kopf
+
+from . import metrics
+from .kube import Endpoint, KubeClient
+from .naming import GROUP, LABEL_DISTILLATION, VERSION
+from .observe import pod_owner_key, redact, slim, slim_pod
+from .reconcile import MAX_BACKOFF, OperatorConfig, Runtime
+
+log = logging.getLogger("branchmerge.operator")
+
+DISTILLATIONS = (GROUP, VERSION, "distillations")
+BRANCHJOBS = (GROUP, VERSION, "branchjobs")
+#: Children are selected by this label (kopf filters client-side; see docs/operator.md).
+MANAGED = {"app.kubernetes.io/managed-by": "branchmerge"}
+FINALIZER = f"{GROUP}/finalizer"
+#: Safety-net resync of every resource (events and requeues drive everything else).
+RESYNC_SECONDS = 60.0
+
+#: Set by `branchmerge operator` (or a test) before the operator starts.
+CONFIG = OperatorConfig(metrics_port=None)
+
+
+class _State:
+    runtime: Runtime | None = None
+    endpoint: Endpoint | None = None
+    metrics_port: int | None = None
+
+
+_state = _State()
+
+
+def current_runtime() -> Runtime:
+    if _state.runtime is None:
+        raise kopf.TemporaryError("the operator is still starting", delay=1)
+    return _state.runtime
+
+
+def _rt(kwargs: dict[str, Any]) -> Runtime:
+    rt = current_runtime()
+    rt.bind(kwargs)
+    return rt
+
+
+def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    """kopf settings: our finalizer and annotation names, watch timeouts, peering."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Server-side watch timeout below any load balancer's idle cut-off; the client gives up
+    # a little later, then kopf re-watches from the last resourceVersion.
+    settings.watching.server_timeout = config.watch_server_timeout
+    settings.watching.client_timeout = config.watch_client_timeout
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    settings.posting.enabled = config.post_events
+    settings.posting.level = logging.INFO
+    settings.posting.loggers = False
+    # One replica by default (Deployment strategy Recreate); peering only when named.
+    settings.peering.standalone = config.peering is None
+    if config.peering is not None:
+        settings.peering.name = config.peering
+        settings.peering.mandatory = True
+    settings.execution.max_workers = 4
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    configure_settings(settings, CONFIG)
+    if _state.runtime is not None:
+        await _state.runtime.close()
+    rt = Runtime(CONFIG)
+    if _state.endpoint is not None:
+        rt.client = KubeClient(_state.endpoint, relogin=_relogin(settings))
+    _state.runtime = rt
+    if CONFIG.metrics_port and _state.metrics_port != CONFIG.metrics_port:
+        metrics.serve(CONFIG.metrics_port, CONFIG.metrics_address)
+        _state.metrics_port = CONFIG.metrics_port
+    log.info(
+        "branchmerge operator started: %s, peering %s, metrics %s",
+        "all namespaces" if CONFIG.clusterwide else f"namespaces {', '.join(CONFIG.namespaces)}",
+        CONFIG.peering or "off (standalone)",
+        f":{CONFIG.metrics_port}/metrics" if CONFIG.metrics_port else "off",
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    if _state.runtime is not None:
+        await _state.runtime.close()
+        _state.runtime = None
+
+
+def _login_info(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
+    """In-cluster service account, else a kubeconfig; kubeconfigs that need the official
+    client's plugins (exec, auth-provider) go through it."""
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    if info is None or (info.token is None and info.certificate_path is None and info.certificate_data is None):
+        with contextlib.suppress(ImportError):
+            info = kopf.login_via_client(settings=settings, logger=log) or info
+    return info
+
+
+def _relogin(settings: kopf.OperatorSettings) -> Any:
+    def again() -> Endpoint | None:
+        info = _login_info(settings)
+        return None if info is None else Endpoint.from_connection_info(info)
+
+    return again
+
+
+@kopf.on.login()
+def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo | None:
+    """kopf's watches and our writes use the same credentials."""
+    info = _login_info(settings)
+    if info is None:
+        return None
+    _state.endpoint = Endpoint.from_connection_info(info)
+    rt = _state.runtime
+    if rt is not None:
+        if rt.client is None:
+            rt.client = KubeClient(_state.endpoint, relogin=_relogin(settings))
+        else:
+            rt.client.endpoint = _state.endpoint
+    return info
+
+
+@kopf.on.probe(id="reconciles_pending")
+async def probe(**_: Any) -> int:
+    """Liveness detail: how many objects wait for a reconcile (0 when idle)."""
+    rt = _state.runtime
+    return 0 if rt is None else rt.distillations.pending + rt.branchjobs.pending
+
+
+# --------------------------------------------------------------------------- indexes
+
+
+@kopf.index(*DISTILLATIONS)
+async def bm_distillations(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(str(namespace), name): slim(body)}
+
+
+@kopf.index(*BRANCHJOBS)
+async def bm_branchjobs(namespace: str | None, name: str, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    obj = slim(body)
+    ns = str(namespace)
+    out: dict[Any, Any] = {("name", ns, name): obj}
+    if dist := labels.get(LABEL_DISTILLATION):
+        out[("dist", ns, dist)] = obj
+    return out
+
+
+@kopf.index("batch", "v1", "jobs", labels=MANAGED)
+async def bm_jobs(namespace: str | None, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    dist = labels.get(LABEL_DISTILLATION)
+    return {(str(namespace), dist): slim(body)} if dist else {}
+
+
+@kopf.index("pods", labels=MANAGED)
+async def bm_pods(namespace: str | None, body: kopf.Body, labels: kopf.Labels, **_: Any) -> dict[Any, Any]:
+    owner = pod_owner_key(labels)
+    return {(str(namespace), *owner): slim_pod(body)} if owner else {}
+
+
+# --------------------------------------------------------------------------- Distillation
+
+
+def _retry(kind: str, error: BaseException | None) -> None:
+    if error is not None:
+        raise kopf.TemporaryError(f"{kind} reconcile failed: {redact(str(error), 300)}", delay=min(MAX_BACKOFF, 5.0))
+
+
+@kopf.on.resume(*DISTILLATIONS)
+@kopf.on.create(*DISTILLATIONS)
+@kopf.on.update(*DISTILLATIONS)
+async def distillation_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
+    """Spec created or changed, or the operator (re)started: reconcile now."""
+    _retry("Distillation", await _rt(kwargs).distillations.run((str(namespace), name)))
+
+
+@kopf.on.event(*DISTILLATIONS)
+async def distillation_event(namespace: str | None, name: str, type: str, **kwargs: Any) -> None:
+    """Deleted: drop our bookkeeping (children go with the garbage collector)."""
+    if type == "DELETED":
+        _rt(kwargs).distillations.trigger((str(namespace), name))
+
+
+@kopf.timer(*DISTILLATIONS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+async def distillation_resync(namespace: str | None, name: str, **kwargs: Any) -> None:
+    """Safety net: reconcile periodically even if an event was missed."""
+    _rt(kwargs).distillations.trigger((str(namespace), name))
+
+
+# --------------------------------------------------------------------------- BranchJob
+
+
+@kopf.on.resume(*BRANCHJOBS)
+@kopf.on.create(*BRANCHJOBS)
+@kopf.on.update(*BRANCHJOBS)
+async def branchjob_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
+    _retry("BranchJob", await _rt(kwargs).branchjobs.run((str(namespace), name)))
+
+
+@kopf.on.event(*BRANCHJOBS)
+async def branchjob_event(namespace: str | None, name: str, labels: kopf.Labels, type: str, **kwargs: Any) -> None:
+    """A BranchJob's status moved: its Distillation re-plans."""
+    rt = _rt(kwargs)
+    if dist := labels.get(LABEL_DISTILLATION):
+        rt.distillations.trigger((str(namespace), dist))
+    if type == "DELETED":
+        rt.branchjobs.trigger((str(namespace), name))
+
+
+@kopf.timer(*BRANCHJOBS, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+async def branchjob_resync(namespace: str | None, name: str, **kwargs: Any) -> None:
+    _rt(kwargs).branchjobs.trigger((str(namespace), name))
+
+
+# --------------------------------------------------------------------------- children
+
+
+@kopf.on.event("pods", labels=MANAGED)
+async def pod_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    """Gang pods wake their BranchJob; merge/eval pods (their termination message is the
+    stage result) wake their Distillation."""
+    rt = _rt(kwargs)
+    owner = pod_owner_key(labels)
+    if owner is not None and owner[0] == "BranchJob":
+        rt.branchjobs.trigger((str(namespace), owner[1]))
+    elif dist := labels.get(LABEL_DISTILLATION):
+        rt.distillations.trigger((str(namespace), dist))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
+async def job_event(namespace: str | None, labels: kopf.Labels, **kwargs: Any) -> None:
+    if dist := labels.get(LABEL_DISTILLATION):
+        _rt(kwargs).distillations.trigger((str(namespace), dist))
