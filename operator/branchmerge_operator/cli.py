@@ -37,7 +37,7 @@ COMMANDS: dict[str, Command] = {}
 
 #: Modules that register more subcommands when imported (e.g. `run`, `status`, `demo`,
 #: `operator`); a missing module is skipped so a partial install still works.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("branchmerge_operator.operator_main",)
 
 
 def command(name: str, help: str, configure: Configure) -> Callable[[Run], Run]:
