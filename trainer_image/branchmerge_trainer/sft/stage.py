@@ -74,14 +74,15 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     stop_after = ctx.extra.get("stop_after_step") or os.environ.get(STOP_AFTER_ENV)
     state = trainer.fit(
         state,
-        report=ctx.reporter.report if env.is_main else None,
+        report=(lambda p: ctx.reporter.report(p, force=p.step == p.total_steps)) if env.is_main else None,
         on_checkpoint=lambda s: store.save(trainer, s),
         stop_after=int(stop_after) if stop_after else None,
     )
 
     metrics = _metrics(state, stats.metrics(), trainer, resumed_from)
     _publish_output(stage, ctx, env, trainer, tokenizer, model_dir, state, metrics, stats.metrics())
-    log.info("sft %s done in %.0fs: %s", stage.name, time.time() - started, json.dumps(metrics))
+    if env.is_main:
+        log.info("sft %s done in %.0fs: %s", stage.name, time.time() - started, json.dumps(metrics))
     return StageResult(
         kind="SFT", status="Succeeded", fingerprint=stage.fingerprint, output=stage.output, metrics=metrics
     )
