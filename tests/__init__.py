@@ -1,0 +1,1 @@
+"""Test suite of branchmerge (unit, integration against a real control plane, e2e)."""

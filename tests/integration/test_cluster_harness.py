@@ -1,0 +1,452 @@
+"""Self-tests of the test harness: prove the control plane, the process kubelet and S3 are real.
+
+If these pass, an operator test that relies on schema validation, the status subresource,
+Jobs -> Pods -> scheduler -> kubelet -> completion, garbage collection, scheduling limits or
+S3 credentials is testing the real behaviour, not a mock's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from botocore.exceptions import ClientError
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from tests.cluster import Cluster, S3Credentials, S3Server
+from tests.cluster.controlplane import HarnessNotBuilt, require_binaries
+from tests.cluster.podspec import PathMap, expand
+from tests.cluster.procs import is_running
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait(
+    what: str, fn: Callable[[], T | None], timeout: float = 60, debug: Callable[[], str] | None = None
+) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout} s waiting for {what}" + (f"\n{debug()}" if debug else "")
+            )
+        time.sleep(0.2)
+
+
+def pod_of_job(core: client.CoreV1Api, ns: str, job: str) -> Any:
+    pods = core.list_namespaced_pod(ns, label_selector=f"job-name={job}").items
+    return pods[0] if pods else None
+
+
+def job_manifest(name: str, command: list[str], **container: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {"name": "main", "image": "python:3.11-slim", "command": command, **container}
+                    ],
+                }
+            },
+        },
+    }
+
+
+def pod_manifest(name: str, command: list[str], **spec: Any) -> dict[str, Any]:
+    container = {"name": "main", "image": "busybox", "command": command, **spec.pop("container", {})}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 5,
+            "containers": [container],
+            **spec,
+        },
+    }
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def test_path_map_rewrites_only_at_path_boundaries() -> None:
+    m = PathMap.of({"/work": "/tmp/p/w", "/work/data": "/tmp/p/d", "/dev/termination-log": "/tmp/p/t"})
+    assert m.rewrite("/work") == "/tmp/p/w"
+    assert m.rewrite("/work/out/x.json") == "/tmp/p/w/out/x.json"
+    assert m.rewrite("/work/data/a") == "/tmp/p/d/a"  # the longest mount wins
+    assert m.rewrite("--out=/work/o,/work/p") == "--out=/tmp/p/w/o,/tmp/p/w/p"
+    assert m.rewrite("file:///work/o") == "file:///tmp/p/w/o"
+    assert m.rewrite('{"resultPath": "/dev/termination-log"}') == '{"resultPath": "/tmp/p/t"}'
+    assert m.rewrite("echo hi > /dev/termination-log") == "echo hi > /tmp/p/t"
+    for untouched in ("/workspace", "s3://bucket/work/x", "/home/work", "http://h:1/work", "/work.txt"):
+        assert m.rewrite(untouched) == untouched
+
+
+def test_env_expansion_follows_kubernetes_rules() -> None:
+    env = {"A": "1", "B": "two"}
+    assert expand("$(A)-$(B)", env) == "1-two"
+    assert expand("$(MISSING)", env) == "$(MISSING)"
+    assert expand("$$(A) $$", env) == "$(A) $"
+
+
+def test_missing_binaries_fail_with_build_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BRANCHMERGE_K8S_BIN", str(tmp_path))
+    with pytest.raises(HarnessNotBuilt, match=r"tests/cluster/build\.sh"):
+        require_binaries()
+
+
+# --------------------------------------------------------------------------- S3
+
+
+@pytest.mark.s3
+def test_s3_enforces_credentials(s3: S3Server, s3_bucket: str) -> None:
+    s3.client().put_object(Bucket=s3_bucket, Key="k", Body=b"v")
+    assert s3.client().get_object(Bucket=s3_bucket, Key="k")["Body"].read() == b"v"
+
+    wrong_secret = S3Credentials(s3.access_key, "not-the-secret")
+    with pytest.raises(ClientError) as e:
+        s3.client(wrong_secret).get_object(Bucket=s3_bucket, Key="k")
+    assert e.value.response["Error"]["Code"] in ("SignatureDoesNotMatch", "AccessDenied")
+
+    unknown_key = S3Credentials("AKNOSUCHKEY000000000", "x" * 40)
+    with pytest.raises(ClientError) as e:
+        s3.client(unknown_key).list_objects_v2(Bucket=s3_bucket)
+    assert e.value.response["Error"]["Code"] in ("InvalidAccessKeyId", "AccessDenied")
+
+    other_user = s3.create_user()  # valid credentials, but not the bucket's owner
+    with pytest.raises(ClientError) as e:
+        s3.client(other_user).get_object(Bucket=s3_bucket, Key="k")
+    assert e.value.response["Error"]["Code"] == "AccessDenied"
+
+
+def test_moto_server_serves_s3(moto_s3: S3Server) -> None:
+    bucket = moto_s3.create_bucket()
+    moto_s3.client().put_object(Bucket=bucket, Key="a/b", Body=b"data")
+    assert moto_s3.client().get_object(Bucket=bucket, Key="a/b")["Body"].read() == b"data"
+
+
+# --------------------------------------------------------------------------- API server semantics
+
+
+@pytest.fixture(scope="module")
+def widget_crd(k8s_api: Any) -> Iterator[tuple[str, str]]:
+    """A namespaced CRD with a schema and the status subresource; yields (group, plural)."""
+    ext = client.ApiextensionsV1Api(k8s_api)
+    group = f"g{uuid.uuid4().hex[:6]}.test.branchmerge.io"
+    schema = {
+        "type": "object",
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["replicas"],
+                "properties": {"replicas": {"type": "integer", "minimum": 1}, "image": {"type": "string"}},
+            },
+            "status": {"type": "object", "properties": {"phase": {"type": "string"}}},
+        },
+    }
+    ext.create_custom_resource_definition(
+        {
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"widgets.{group}"},
+            "spec": {
+                "group": group,
+                "scope": "Namespaced",
+                "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+                "versions": [
+                    {
+                        "name": "v1",
+                        "served": True,
+                        "storage": True,
+                        "schema": {"openAPIV3Schema": schema},
+                        "subresources": {"status": {}},
+                    }
+                ],
+            },
+        }
+    )
+
+    def established() -> bool:
+        crd = ext.read_custom_resource_definition(f"widgets.{group}")
+        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+
+    wait("CRD Established", established, 30)
+    yield group, "widgets"
+    ext.delete_custom_resource_definition(f"widgets.{group}")
+
+
+@pytest.mark.cluster
+def test_crd_schema_rejects_invalid_object(k8s_api: Any, namespace: str, widget_crd: tuple[str, str]) -> None:
+    group, plural = widget_crd
+    co = client.CustomObjectsApi(k8s_api)
+
+    def widget(spec: dict[str, Any]) -> dict[str, Any]:
+        return {"apiVersion": f"{group}/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": spec}
+
+    for bad in ({"replicas": 0}, {"replicas": "three"}, {"image": "x"}):
+        with pytest.raises(ApiException) as e:
+            co.create_namespaced_custom_object(group, "v1", namespace, plural, widget(bad))
+        assert e.value.status == 422, e.value.body
+    created = co.create_namespaced_custom_object(group, "v1", namespace, plural, widget({"replicas": 2}))
+    assert created["spec"]["replicas"] == 2
+
+
+@pytest.mark.cluster
+def test_status_subresource_ignores_status_on_main_resource(
+    k8s_api: Any, namespace: str, widget_crd: tuple[str, str]
+) -> None:
+    group, plural = widget_crd
+    co = client.CustomObjectsApi(k8s_api)
+    body = {"apiVersion": f"{group}/v1", "kind": "Widget", "metadata": {"name": "s"}, "spec": {"replicas": 1}}
+    obj = co.create_namespaced_custom_object(
+        group, "v1", namespace, plural, {**body, "status": {"phase": "Sneaky"}}
+    )
+    assert "status" not in obj or not obj["status"]
+    gen = obj["metadata"]["generation"]
+
+    patched = co.patch_namespaced_custom_object(
+        group, "v1", namespace, plural, "s", {"status": {"phase": "Ignored"}}
+    )
+    assert (patched.get("status") or {}).get("phase") is None
+    assert patched["metadata"]["generation"] == gen
+
+    patched = co.patch_namespaced_custom_object_status(
+        group, "v1", namespace, plural, "s", {"status": {"phase": "Ready"}}
+    )
+    assert patched["status"]["phase"] == "Ready"
+    assert patched["metadata"]["generation"] == gen  # status writes do not bump generation
+
+    patched = co.patch_namespaced_custom_object(
+        group, "v1", namespace, plural, "s", {"spec": {"replicas": 3}}
+    )
+    assert patched["metadata"]["generation"] == gen + 1
+    assert patched["status"]["phase"] == "Ready"  # a spec write does not touch status
+
+
+# --------------------------------------------------------------------------- Jobs, pods and the process kubelet
+
+RESULT_SCRIPT = """
+import json, os, pathlib, sys
+pathlib.Path(os.environ["OUT"], "marker").write_text("ok")
+result = {k: os.environ.get(k) for k in ("FROM_SECRET", "FROM_CM", "POD", "NS", "LABEL", "ANN", "PFX_KEY", "COMBINED")}
+result["cwd_is_local"] = not os.getcwd().startswith("/work")
+result["argv"] = sys.argv[1:]
+pathlib.Path("/dev/termination-log").write_text(json.dumps(result))
+"""
+
+
+@pytest.mark.cluster
+def test_job_pod_runs_and_completes_with_termination_message(
+    cluster: Cluster, k8s_api: Any, namespace: str
+) -> None:
+    core, batch = client.CoreV1Api(k8s_api), client.BatchV1Api(k8s_api)
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "creds"}, "stringData": {"token": "s3cr3t"}}
+    )
+    core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "cfg"}, "data": {"mode": "fast", "KEY": "k"}}
+    )
+    job = job_manifest(
+        "hello",
+        ["python", "-c", RESULT_SCRIPT],
+        args=["--out=/work/out", "$(POD)"],
+        env=[
+            {"name": "FROM_SECRET", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+            {"name": "FROM_CM", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "mode"}}},
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "LABEL", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['job-name']"}}},
+            {"name": "ANN", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['note']"}}},
+            {"name": "OUT", "value": "/work"},
+            {"name": "COMBINED", "value": "$(FROM_CM)-$(NS)"},
+        ],
+        envFrom=[{"configMapRef": {"name": "cfg"}, "prefix": "PFX_"}],
+        volumeMounts=[{"name": "work", "mountPath": "/work"}],
+    )
+    job["spec"]["template"]["metadata"] = {"annotations": {"note": "hi"}}
+    job["spec"]["template"]["spec"]["volumes"] = [{"name": "work", "emptyDir": {}}]
+    batch.create_namespaced_job(namespace, job)
+
+    def complete() -> Any:
+        j = batch.read_namespaced_job("hello", namespace)
+        return (
+            j if any(c.type == "Complete" and c.status == "True" for c in j.status.conditions or []) else None
+        )
+
+    wait("Job Complete", complete, 60, lambda: cluster.dump(namespace))
+    pod = pod_of_job(core, namespace, "hello")
+    assert pod.spec.node_name == "node-1"  # bound by the real scheduler
+    assert pod.status.phase == "Succeeded"
+    assert pod.status.pod_ip == "127.0.0.1" and pod.status.start_time is not None
+    term = pod.status.container_statuses[0].state.terminated
+    assert (term.exit_code, term.reason) == (0, "Completed")
+    assert term.finished_at is not None
+    result = json.loads(term.message)
+    assert result["FROM_SECRET"] == "s3cr3t" and result["FROM_CM"] == "fast"
+    assert result["POD"] == pod.metadata.name and result["NS"] == namespace
+    assert (result["LABEL"], result["ANN"], result["PFX_KEY"]) == ("hello", "hi", "k")
+    assert result["COMBINED"] == f"fast-{namespace}"
+    assert result["cwd_is_local"] is True
+    pod_dir = cluster.kubelet.pod_dir(namespace, pod.metadata.name)
+    assert result["argv"] == [f"--out={pod_dir}/volumes/work/out", pod.metadata.name]
+    assert (pod_dir / "volumes" / "work" / "marker").read_text() == "ok"  # the emptyDir is a real directory
+
+
+@pytest.mark.cluster
+def test_deleting_job_garbage_collects_its_pod(k8s_api: Any, namespace: str) -> None:
+    core, batch = client.CoreV1Api(k8s_api), client.BatchV1Api(k8s_api)
+    batch.create_namespaced_job(namespace, job_manifest("gc", ["sh", "-c", "exit 0"]))
+    wait("Job succeeded", lambda: batch.read_namespaced_job("gc", namespace).status.succeeded, 60)
+    assert pod_of_job(core, namespace, "gc") is not None
+    batch.delete_namespaced_job("gc", namespace, propagation_policy="Background")
+    wait("pod garbage-collected", lambda: pod_of_job(core, namespace, "gc") is None, 60)
+
+
+@pytest.mark.cluster
+def test_failing_command_gives_failed_pod_with_exit_code(k8s_api: Any, namespace: str) -> None:
+    core = client.CoreV1Api(k8s_api)
+    core.create_namespaced_pod(
+        namespace,
+        pod_manifest(
+            "boom",
+            ["sh", "-c", "echo last words; exit 3"],
+            container={"terminationMessagePolicy": "FallbackToLogsOnError"},
+        ),
+    )
+    pod = wait(
+        "pod Failed",
+        lambda: p if (p := core.read_namespaced_pod("boom", namespace)).status.phase == "Failed" else None,
+        60,
+    )
+    term = pod.status.container_statuses[0].state.terminated
+    assert (term.exit_code, term.reason) == (3, "Error")
+    assert "last words" in term.message
+
+
+@pytest.mark.cluster
+def test_gpu_request_beyond_node_capacity_stays_pending(k8s_api: Any, namespace: str) -> None:
+    core = client.CoreV1Api(k8s_api)
+    gpus = {"limits": {"nvidia.com/gpu": "9"}}  # node-1 has 8
+    core.create_namespaced_pod(namespace, pod_manifest("greedy", ["true"], container={"resources": gpus}))
+
+    def failed_scheduling() -> Any:
+        evs = core.list_namespaced_event(namespace, field_selector="involvedObject.name=greedy").items
+        return next((e for e in evs if e.reason == "FailedScheduling"), None)
+
+    ev = wait("FailedScheduling event", failed_scheduling, 30)
+    assert "nvidia.com/gpu" in ev.message
+    pod = core.read_namespaced_pod("greedy", namespace)
+    assert pod.status.phase == "Pending" and not pod.spec.node_name
+
+    fits = {"limits": {"nvidia.com/gpu": "8"}}
+    core.create_namespaced_pod(namespace, pod_manifest("fits", ["true"], container={"resources": fits}))
+    wait(
+        "8-GPU pod Succeeded",
+        lambda: core.read_namespaced_pod("fits", namespace).status.phase == "Succeeded",
+        30,
+    )
+
+
+@pytest.mark.cluster
+def test_pod_deletion_sends_sigterm_then_removes_pod(cluster: Cluster, k8s_api: Any, namespace: str) -> None:
+    core = client.CoreV1Api(k8s_api)
+    script = "trap 'echo got-term > /work/term; exit 0' TERM; while true; do sleep 0.1; done"
+    pod = pod_manifest(
+        "sleeper",
+        ["sh", "-c", script],
+        container={"volumeMounts": [{"name": "w", "mountPath": "/work"}]},
+        volumes=[{"name": "w", "emptyDir": {}}],
+    )
+    core.create_namespaced_pod(namespace, pod)
+    wait("Running", lambda: core.read_namespaced_pod("sleeper", namespace).status.phase == "Running", 30)
+    pod_dir = cluster.kubelet.pod_dir(namespace, "sleeper")
+    core.delete_namespaced_pod("sleeper", namespace)
+
+    def gone() -> bool:
+        try:
+            core.read_namespaced_pod("sleeper", namespace)
+        except ApiException as e:
+            return e.status == 404
+        return False
+
+    wait("pod removed by the kubelet", gone, 30)
+    assert (pod_dir / "volumes" / "w" / "term").read_text().strip() == "got-term"
+
+
+@pytest.mark.cluster
+def test_eviction_marks_pod_failed_evicted(cluster: Cluster, k8s_api: Any, namespace: str) -> None:
+    core = client.CoreV1Api(k8s_api)
+    core.create_namespaced_pod(namespace, pod_manifest("victim", ["sleep", "300"]))
+    wait("Running", lambda: core.read_namespaced_pod("victim", namespace).status.phase == "Running", 30)
+    cluster.kubelet.evict(namespace, "victim")
+    pod = wait(
+        "Evicted",
+        lambda: p if (p := core.read_namespaced_pod("victim", namespace)).status.phase == "Failed" else None,
+        30,
+    )
+    assert pod.status.reason == "Evicted"
+    assert any(c.type == "DisruptionTarget" and c.status == "True" for c in pod.status.conditions)
+
+
+@pytest.mark.cluster
+def test_node_failure_fails_its_pods(k8s_api: Any, namespace: str, node_factory: Callable[..., Any]) -> None:
+    core = client.CoreV1Api(k8s_api)
+    node = node_factory("node-flaky", gpus=0, labels={"flaky": "yes"})
+    core.create_namespaced_pod(
+        namespace, pod_manifest("onflaky", ["sleep", "300"], nodeSelector={"flaky": "yes"})
+    )
+    wait("Running", lambda: core.read_namespaced_pod("onflaky", namespace).status.phase == "Running", 30)
+    node.fail_node()
+    pod = core.read_namespaced_pod("onflaky", namespace)
+    assert (pod.status.phase, pod.status.reason) == ("Failed", "NodeLost")
+    n = core.read_node("node-flaky")
+    assert {t.key for t in n.spec.taints} == {"node.kubernetes.io/unreachable"}
+    assert next(c for c in n.status.conditions if c.type == "Ready").status == "Unknown"
+    node.recover_node()
+    assert (
+        next(c for c in core.read_node("node-flaky").status.conditions if c.type == "Ready").status == "True"
+    )
+
+
+@pytest.mark.cluster
+def test_cli_up_env_down(tmp_path: Path) -> None:
+    """``python -m tests.cluster up`` gives a working cluster; ``down`` stops every process it started."""
+    base = [sys.executable, "-m", "tests.cluster", "--dir", str(tmp_path)]
+    up = subprocess.run([*base, "up", "--gpus", "2"], cwd=REPO, capture_output=True, text=True, timeout=180)
+    try:
+        assert up.returncode == 0, up.stderr
+        state = json.loads((tmp_path / "state.json").read_text())
+        env = dict(os.environ)
+        for line in up.stdout.splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value.replace("$PATH", os.environ["PATH"])
+        nodes = subprocess.run(
+            ["kubectl", "get", "nodes", "-o", "json"], env=env, capture_output=True, text=True
+        )
+        assert nodes.returncode == 0, nodes.stderr
+        [node] = json.loads(nodes.stdout)["items"]
+        assert node["status"]["capacity"]["nvidia.com/gpu"] == "2"
+    finally:
+        down = subprocess.run([*base, "down"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    for pid in [state["supervisor_pid"], *state["pids"].values()]:
+        assert not is_running(pid), f"pid {pid} survived `down`"
