@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -723,9 +723,20 @@ KINDS: dict[str, type[Distillation] | type[BranchJob]] = {"Distillation": Distil
 # --------------------------------------------------------------------------- loading
 
 
+def plain(data: Any) -> Any:
+    """Deep copy into plain dicts and lists (kopf bodies and other Mapping views included),
+    so validation and the inline-secret scan see every key."""
+    if isinstance(data, Mapping):
+        return {k: plain(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [plain(v) for v in data]
+    return data
+
+
 def check_manifest(data: Any, source: str = "") -> tuple[Resource | None, ValidationReport]:
-    """Validate one manifest document; never raises for bad input."""
+    """Validate one manifest document (any Mapping); never raises for bad input."""
     report = ValidationReport(source=source)
+    data = plain(data)
     if not isinstance(data, dict):
         report.add("", f"expected a mapping (a Kubernetes object), got {type(data).__name__}")
         return None, report

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from branchmerge_trainer.stages import Progress, SFTStage, StageResult
 from pydantic import ValidationError
 
-from .api import BranchJob, BranchJobStatus, BranchPhase, check_manifest, merge_patch
+from .api import BranchJob, BranchJobStatus, BranchPhase, check_manifest, merge_patch, plain
 from .conditions import (
     BRANCHJOB_TYPES,
     FAILED,
@@ -447,7 +447,8 @@ class _GangPlanner:
         if st.start_time is None or prev.phase == "Suspended":
             st.start_time = rfc3339(now)
         elapsed = seconds_since(st.start_time, now) or 0.0
-        if policy.active_deadline_seconds is not None and elapsed >= policy.active_deadline_seconds:
+        finished = len(current) == self.spec.resources.nodes and all(p.phase == "Succeeded" for p in current)
+        if policy.active_deadline_seconds is not None and elapsed >= policy.active_deadline_seconds and not finished:
             self.delete(current)
             return self.finish(
                 "Failed", "DeadlineExceeded", f"still running after activeDeadlineSeconds={policy.active_deadline_seconds}"
@@ -587,7 +588,7 @@ def plan_branchjob(obj: BranchJob | Mapping[str, Any], pods: Sequence[ObservedPo
     """Plan one reconcile of a BranchJob from its pods (select by LABEL_BRANCHJOB)."""
     if isinstance(obj, BranchJob):
         return _GangPlanner(obj, obj.status or BranchJobStatus(), pods, now).run()
-    raw = dict(obj)
+    raw = plain(obj)
     prev = _lenient_status(raw.get("status"))
     generation = int((raw.get("metadata") or {}).get("generation") or 1)
     parsed, report = check_manifest({k: v for k, v in raw.items() if k != "status"})

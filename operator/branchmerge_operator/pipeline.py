@@ -45,6 +45,7 @@ from .api import (
     StagePhase,
     check_manifest,
     merge_patch,
+    plain,
 )
 from .conditions import (
     BRANCHES_SUCCEEDED,
@@ -257,7 +258,9 @@ class Plan:
 
     Apply in this order: delete, create (tolerate AlreadyExists), patch, then write
     `status_patch()` to the status subresource and emit `events`; requeue after
-    `requeue_after` seconds if set.
+    `requeue_after` seconds if set. Only `delete` removes anything: `branch_jobs` and `jobs`
+    list the children this generation wants (informational; a sticky terminal plan lists
+    none and deletes nothing it does not name).
     """
 
     status: DistillationStatus
@@ -400,7 +403,6 @@ class _DistillationPlanner:
             self.stop_active_children("the Distillation has failed")
         self.plan.requeue_after = self.ttl_cleanup(prev.completion_time)
         self.plan.status = prev.model_copy(deep=True)
-        # Keep the desired lists truthful: finished children that still exist.
         return self.plan
 
     # ------------------------------------------------------------------ branches
@@ -536,11 +538,13 @@ class _DistillationPlanner:
                 if job.stage == "eval":
                     self.remove("Job", job.name, "eval was removed from the spec", deleting=job.deleting)
 
-        # Failure: the overall deadline first, then the first failed stage in pipeline order.
+        # Failure: the overall deadline first (unless everything is done), then the first
+        # failed stage in pipeline order.
+        done = all_branches and merge.phase == "Succeeded" and evaluation.phase in ("Succeeded", "Skipped")
         failure: tuple[str, str] | None = None
         deadline = spec.run_policy.active_deadline_seconds
         elapsed = seconds_since(start_time, now)
-        if not self.suspended and deadline is not None and elapsed is not None and elapsed >= deadline:
+        if not (self.suspended or done) and deadline is not None and elapsed is not None and elapsed >= deadline:
             failure = ("DeadlineExceeded", f"still running after activeDeadlineSeconds={deadline}")
         failed_branch = next((b for b in branches if b.phase == "Failed"), None)
         if failure is None and failed_branch is not None:
@@ -550,7 +554,6 @@ class _DistillationPlanner:
         if failure is None and evaluation.phase == "Failed":
             failure = ("EvaluationFailed", f"evaluation failed: {evaluation.message}")
 
-        done = all_branches and merge.phase == "Succeeded" and evaluation.phase in ("Succeeded", "Skipped")
         creates: list[BranchJob | StageJob] = []
         if failure is not None:
             self.stop_active_children(f"the Distillation failed ({failure[0]})")
@@ -811,7 +814,7 @@ def plan_distillation(obj: Distillation | Mapping[str, Any], observed: Observed,
     `now` is passed in because the planner reads no clock."""
     if isinstance(obj, Distillation):
         return _DistillationPlanner(obj, obj.status or DistillationStatus(), observed, now).run()
-    raw = dict(obj)
+    raw = plain(obj)
     prev = _lenient_status(raw.get("status"))
     meta = raw.get("metadata") or {}
     generation = int(meta.get("generation") or 1)

@@ -518,6 +518,12 @@ def test_deadline_exceeded_fails_and_stops_children() -> None:
     assert len(plan.delete) == 3 and plan.create == []
 
 
+def test_work_that_finished_is_not_failed_by_the_deadline() -> None:
+    c = Cluster.new(lambda o: o["spec"].setdefault("runPolicy", {}).update(activeDeadlineSeconds=250))
+    c.run_to_success()  # the last reconcile happens at t=300, after the deadline
+    assert c.status["phase"] == "Succeeded"
+
+
 def test_suspended_time_does_not_count_against_the_deadline() -> None:
     c = Cluster.new(lambda o: o["spec"].setdefault("runPolicy", {}).update(activeDeadlineSeconds=100))
     c.reconcile(T0)

@@ -292,6 +292,14 @@ def test_active_deadline() -> None:
     assert len(plan.delete_pods) == 4
 
 
+def test_finishing_late_is_still_success() -> None:
+    g = Gang.new(runPolicy={"activeDeadlineSeconds": 3600})
+    g.running(T0)
+    g.all(phase="Succeeded", exit_code=0)
+    g.reconcile(at(4000))
+    assert g.status["phase"] == "Succeeded"
+
+
 # --------------------------------------------------------------------------- suspend
 
 
