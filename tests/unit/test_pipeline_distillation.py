@@ -627,3 +627,65 @@ def test_headline() -> None:
     assert headline(scores()) == "aime2024=78.1"
     only_student = [Score(model="student", benchmark="gpqa", score=0.5, samples=4)]
     assert headline(only_student) == "gpqa=50.0"
+
+
+# --------------------------------------------------------------------------- decision table
+
+
+def _eval_failed(c: Cluster) -> None:
+    c.reconcile(T0)
+    c.succeed_branches()
+    c.reconcile(at(1))
+    c.finish("merge")
+    c.reconcile(at(2))
+    c.finish("eval", ok=False)
+
+
+TABLE: list[tuple[str, Callable[[Cluster], Any], str, str, str, int]] = [
+    # (state, how to get there, phase, Ready status/reason, Reconciling, creates on the next reconcile)
+    ("fresh", lambda c: None, "Pending", "False/Pending", "True", 3),
+    ("branch running", lambda c: (c.reconcile(T0), c.branch("math", phase="Running")), "Running",
+     "False/BranchesRunning", "True", 0),
+    ("branch restarting", lambda c: (c.reconcile(T0), c.branch("code", phase="Restarting")), "Running",
+     "False/BranchesRunning", "True", 0),
+    ("branches pending", lambda c: c.reconcile(T0), "Pending", "False/Pending", "True", 0),
+    ("one branch done", lambda c: (c.reconcile(T0), c.succeed_branches("math")), "Running",
+     "False/BranchesRunning", "True", 0),
+    ("all branches done", lambda c: (c.reconcile(T0), c.succeed_branches()), "Merging", "False/Merging", "True", 1),
+    ("merge running", lambda c: (c.reconcile(T0), c.succeed_branches(), c.reconcile(at(1))), "Merging",
+     "False/Merging", "True", 0),
+    ("merge done", lambda c: (c.reconcile(T0), c.succeed_branches(), c.reconcile(at(1)), c.finish("merge")),
+     "Evaluating", "False/Evaluating", "True", 1),
+    ("eval done", lambda c: (c.reconcile(T0), c.succeed_branches(), c.reconcile(at(1)), c.finish("merge"),
+                             c.reconcile(at(2)), c.finish("eval")), "Succeeded", "True/Succeeded", "False", 0),
+    ("branch failed", lambda c: (c.reconcile(T0), c.branch("math", phase="Failed")), "Failed",
+     "False/BranchFailed", "False", 0),
+    ("merge failed", lambda c: (c.reconcile(T0), c.succeed_branches(), c.reconcile(at(1)), c.finish("merge", ok=False)),
+     "Failed", "False/MergeFailed", "False", 0),
+    ("eval failed", _eval_failed, "Failed", "False/EvaluationFailed", "False", 0),
+    ("suspended", lambda c: (c.reconcile(T0), c.edit(lambda s: s.update(runPolicy={"suspend": True}))), "Suspended",
+     "False/Suspended", "False", 0),
+    ("suspended before start", lambda c: c.edit(lambda s: s.update(runPolicy={"suspend": True})), "Suspended",
+     "False/Suspended", "False", 0),
+    ("deadline", lambda c: (c.edit(lambda s: s.update(runPolicy={"activeDeadlineSeconds": 5})), c.reconcile(T0)),
+     "Failed", "False/DeadlineExceeded", "False", 0),
+    ("invalid spec", lambda c: (c.reconcile(T0), c.edit(lambda s: s.update(branches=s["branches"][:1]))),
+     "Pending", "False/InvalidSpec", "False", 0),
+]
+
+
+@pytest.mark.parametrize(("state", "setup", "phase", "ready", "reconciling", "creates"), TABLE, ids=[r[0] for r in TABLE])
+def test_decision_table(
+    state: str, setup: Callable[[Cluster], Any], phase: str, ready: str, reconciling: str, creates: int
+) -> None:
+    c = Cluster.new()
+    setup(c)
+    plan = c.reconcile(at(10))
+    assert c.status["phase"] == phase
+    cond = c.cond("Ready")
+    assert f"{cond['status']}/{cond['reason']}" == ready
+    assert c.cond("Reconciling")["status"] == reconciling
+    assert c.cond("Stalled")["status"] == ("True" if phase == "Failed" or ready.endswith("InvalidSpec") else "False")
+    assert len(plan.create) == creates
+    assert c.status["observedGeneration"] == c.obj["metadata"]["generation"]
+    assert no_empty_strings(plan.status_patch())

@@ -427,3 +427,42 @@ def test_observed_pod_from_object() -> None:
     assert pending.unschedulable == "0/3 nodes" and pending.waiting_reason == "ImagePullBackOff"
     assert not pending.disrupted
     assert ObservedPod.from_object({"metadata": {"name": "y-0"}, "status": {"phase": "Bogus"}}).phase == "Unknown"
+
+
+# --------------------------------------------------------------------------- decision table
+
+ALL = (0, 1, 2, 3)
+GANG_TABLE: list[tuple[str, dict[int, dict[str, Any]], int, str, str, int, int]] = [
+    # (state, pod changes by rank after creation, restarts so far, phase, reason, creates, deletes)
+    ("just created", {}, 0, "Pending", "Starting", 0, 0),
+    ("some running", {0: {"phase": "Running"}, 1: {"phase": "Running"}}, 0, "Pending", "Starting", 0, 0),
+    ("all running", {r: {"phase": "Running"} for r in ALL}, 0, "Running", "Running", 0, 0),
+    ("rank exits 1", {**{r: {"phase": "Running"} for r in ALL}, 2: {"phase": "Failed", "exit_code": 1}}, 0,
+     "Restarting", "Restarting", 0, 4),
+    ("rank exits 1 at limit", {**{r: {"phase": "Running"} for r in ALL}, 2: {"phase": "Failed", "exit_code": 1}}, 2,
+     "Failed", "BackoffLimitExceeded", 0, 3),
+    ("rank evicted at limit", {**{r: {"phase": "Running"} for r in ALL}, 2: {"phase": "Failed", "reason": "Evicted"}},
+     2, "Restarting", "Disrupted", 0, 4),
+    ("node lost", {**{r: {"phase": "Running"} for r in ALL}, 1: {"phase": "Unknown"}}, 0, "Restarting", "Disrupted", 0, 4),
+    ("all succeeded", {r: {"phase": "Succeeded", "exit_code": 0} for r in ALL}, 0, "Succeeded", "Succeeded", 0, 0),
+    ("rank 0 done, others running", {0: {"phase": "Succeeded"}, 1: {"phase": "Running"}, 2: {"phase": "Running"},
+                                     3: {"phase": "Running"}}, 0, "Running", "Running", 0, 0),
+]
+
+
+@pytest.mark.parametrize(
+    ("state", "pods", "restarts", "phase", "reason", "creates", "deletes"), GANG_TABLE, ids=[r[0] for r in GANG_TABLE]
+)
+def test_gang_decision_table(
+    state: str, pods: dict[int, dict[str, Any]], restarts: int, phase: str, reason: str, creates: int, deletes: int
+) -> None:
+    g = Gang.new()
+    g.reconcile(T0)
+    g.obj["status"]["restarts"] = restarts
+    for rank, changes in pods.items():
+        g.set(rank, **changes)
+    plan = g.reconcile(at(10))
+    assert (g.status["phase"], g.status["reason"]) == (phase, reason)
+    assert (len(plan.create_pods), len(plan.delete_pods)) == (creates, deletes)
+    running = g.cond("Running")["status"]
+    assert running == ("True" if phase == "Running" else "False")
