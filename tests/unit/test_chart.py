@@ -93,20 +93,20 @@ def write_values(tmp_path: Path, values: dict[str, Any]) -> Path:
     return path
 
 
-def render_chart(values: dict[str, Any], tmp_path: Path, *extra: str) -> list[dict[str, Any]]:
+def render_chart(
+    values: dict[str, Any], tmp_path: Path, *extra: str, namespace: str = RELEASE_NS
+) -> list[dict[str, Any]]:
     """`helm template` with these values -> the objects (CRDs not included unless asked)."""
-    out = helm(
-        "template", RELEASE, str(CHART), "-n", RELEASE_NS, "-f", str(write_values(tmp_path, values)), *extra
-    )
+    vfile = write_values(tmp_path, values)
+    out = helm("template", RELEASE, str(CHART), "-n", namespace, "-f", str(vfile), *extra)
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-def kustomize(overlay: str) -> list[dict[str, Any]]:
+def kustomize(overlay: str | Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize` of one of our overlays (by name) or of any directory."""
+    path = overlay if isinstance(overlay, Path) else OVERLAYS / overlay
     res = subprocess.run(
-        [str(tool("kubectl")), "kustomize", str(OVERLAYS / overlay)],
-        capture_output=True,
-        text=True,
-        timeout=60,
+        [str(tool("kubectl")), "kustomize", str(path)], capture_output=True, text=True, timeout=60
     )
     assert res.returncode == 0, res.stderr
     return [d for d in yaml.safe_load_all(res.stdout) if d]
