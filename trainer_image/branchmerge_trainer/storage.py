@@ -484,3 +484,17 @@ def iter_chunks(stream: BinaryIO, size: int = _CHUNK) -> Iterator[bytes]:
 
 def dump_json(storage: Storage, uri: str, data: Any) -> None:
     storage.write_bytes(uri, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def materialize_model(storage: Storage, uri: str, cache_dir: Path, *, verify: bool = True) -> Path:
+    """A local directory holding the model at ``uri``.
+
+    A committed prefix (a stage's output) is checked against its manifest. A *local* directory
+    with no manifest at all but a ``config.json`` is a plain Hugging Face checkpoint that the
+    user supplied (e.g. the student) and is used as it is. A corrupt manifest still fails.
+    """
+    local = storage.local_path(uri)
+    if local is not None and not (local / MANIFEST).exists() and (local / "config.json").is_file():
+        return local
+    path, _ = storage.materialize(uri, cache_dir, verify=verify)
+    return path

@@ -1,0 +1,694 @@
+"""Sampling responses from a model: our continuous-batching engine, transformers, or vLLM.
+
+Reasoning benchmarks produce responses of very different lengths: most stop early, a few
+run to the token limit. A static batch (transformers' ``generate``) keeps computing every
+row until its longest one ends, so most of its work is spent on rows that already finished.
+:class:`ContinuousBatchingGenerator` refills a finished row's slot with the next prompt at
+once, so the batch stays full of live rows. It reuses the model's own modules (embeddings,
+norms, projections, rotary embedding, MLP) and owns only the attention and the KV cache,
+which keeps its greedy outputs identical to transformers' in fp32.
+
+:class:`TransformersGenerator` is the reference (left padding, batches sorted by prompt
+length, stop at EOS) and the fallback for architectures the engine does not know.
+:class:`VLLMGenerator` is used automatically when vLLM is installed (GPU images).
+
+Determinism: each request carries its own seed; our engine draws every sampled token from
+that request's own RNG, so a response does not depend on which other requests shared its
+batch. On CPU the schedule itself is deterministic, so a run repeats exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+#: ``hook(prompt_ids per row, tokens generated so far per row, logits[rows, vocab]) -> logits``.
+#: Applied before sampling by every generator identically (benchmarks use it to shape
+#: response lengths; it is how a test forces EOS on a schedule).
+LogitsHook = Callable[[Sequence[Sequence[int]], Sequence[int], torch.Tensor], torch.Tensor]
+
+OnDone = Callable[[int, "GenerationOutput"], None]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    token_ids: list[int]  # without the stop token
+    finish_reason: Literal["stop", "length"]
+
+
+class Generator(ABC):
+    """Turns requests into responses; ``on_done(i, output)`` fires as each one finishes."""
+
+    name: str = "generator"
+
+    @abstractmethod
+    def generate(self, requests: Sequence[GenerationRequest], on_done: OnDone | None = None) -> list[GenerationOutput]: ...
+
+    def close(self) -> None:  # noqa: B027 - most generators hold nothing to release
+        """Release the model (GPU memory) before the next one loads."""
+
+
+def _eos_set(eos_token_ids: Sequence[int]) -> frozenset[int]:
+    if not eos_token_ids:
+        raise ValueError("generation needs at least one EOS token id to stop at")
+    return frozenset(int(t) for t in eos_token_ids)
+
+
+def _finish(tokens: list[int], eos: frozenset[int], limit: int) -> GenerationOutput:
+    """Cut a raw continuation at its first stop token (static batches keep going after it)."""
+    for i, t in enumerate(tokens[:limit]):
+        if t in eos:
+            return GenerationOutput(tokens[:i], "stop")
+    return GenerationOutput(tokens[:limit], "length")
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+class TransformersGenerator(Generator):
+    """transformers' ``generate``: left-padded batches of similar prompt length.
+
+    Batches are formed per sampling setting, with prompts sorted by length so little padding
+    is computed. Sampled batches seed torch's global RNG from their first request's seed:
+    reproducible for a fixed batch size, but a response depends on its batch mates.
+    """
+
+    name = "transformers"
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        batch_size: int = 32,
+        logits_hook: LogitsHook | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.eos = _eos_set(eos_token_ids)
+        self.pad = pad_token_id
+        self.batch_size = batch_size
+        self.hook = logits_hook
+        self.device = next(model.parameters()).device
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest], on_done: OnDone | None = None) -> list[GenerationOutput]:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        results: list[GenerationOutput | None] = [None] * len(requests)
+        order = sorted(
+            range(len(requests)),
+            key=lambda i: (requests[i].temperature, requests[i].top_p, requests[i].max_new_tokens, len(requests[i].prompt_ids)),
+        )
+        batches: list[list[int]] = []
+        for i in order:
+            last = batches[-1] if batches else None
+            same = last is not None and _sampling_key(requests[last[0]]) == _sampling_key(requests[i])
+            if last is not None and same and len(last) < self.batch_size:
+                last.append(i)
+            else:
+                batches.append([i])
+        for batch in batches:
+            first = requests[batch[0]]
+            prompts = [requests[i].prompt_ids for i in batch]
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, p in enumerate(prompts):
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            sample = first.temperature > 0
+            limit = min(first.max_new_tokens, self.max_context - width)
+            if limit <= 0:
+                for i in batch:
+                    results[i] = GenerationOutput([], "length")
+                    if on_done is not None:
+                        on_done(i, results[i])  # type: ignore[arg-type]
+                continue
+            config = GenerationConfig(
+                max_new_tokens=limit,
+                do_sample=sample,
+                temperature=first.temperature if sample else None,
+                top_p=first.top_p if sample else None,
+                top_k=None,
+                eos_token_id=sorted(self.eos),
+                pad_token_id=self.pad,
+            )
+            processors = LogitsProcessorList([_HookProcessor(self.hook, prompts, width)] if self.hook else [])
+            if sample:
+                torch.manual_seed(first.seed)
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                generation_config=config,
+                logits_processor=processors,
+            )
+            for row, i in enumerate(batch):
+                results[i] = _finish(out[row, width:].tolist(), self.eos, limit)
+                if on_done is not None:
+                    on_done(i, results[i])  # type: ignore[arg-type]
+        return [r for r in results if r is not None]
+
+
+def _sampling_key(r: GenerationRequest) -> tuple[float, float, int]:
+    return (r.temperature, r.top_p, r.max_new_tokens)
+
+
+class _HookProcessor:
+    """Adapts a :data:`LogitsHook` to transformers' LogitsProcessor protocol."""
+
+    def __init__(self, hook: LogitsHook | None, prompts: Sequence[Sequence[int]], width: int) -> None:
+        self.hook, self.prompts, self.width = hook, prompts, width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        assert self.hook is not None
+        generated = input_ids.shape[1] - self.width
+        return self.hook(self.prompts, [generated] * len(self.prompts), scores)
+
+
+# --------------------------------------------------------------------------- continuous batching
+
+SUPPORTED_ARCHITECTURES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
+
+
+class UnsupportedModel(ValueError):
+    """The continuous-batching engine does not know this architecture (use transformers)."""
+
+
+def check_supported(model: Any) -> None:
+    """Raise :class:`UnsupportedModel` unless the engine computes exactly what the model does:
+    a decoder of pre-norm layers with rotary GQA attention over *all* previous tokens."""
+    config = model.config
+    kind = getattr(config, "model_type", "?")
+    if kind not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModel(f"model type {kind!r} (the engine handles {sorted(SUPPORTED_ARCHITECTURES)})")
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise UnsupportedModel("sliding-window attention layers")
+    if kind == "mistral" and getattr(config, "sliding_window", None):
+        raise UnsupportedModel("Mistral sliding-window attention")
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        raise UnsupportedModel(f"{type(model).__name__} does not have the expected decoder layout")
+    for layer in inner.layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
+            raise UnsupportedModel("unexpected attention module")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass
+class _Row:
+    index: int  # request index
+    prompt: tuple[int, ...]
+    limit: int  # max new tokens (also bounded by the model's context)
+    temperature: float
+    top_p: float
+    rng: random.Random
+    generated: list[int]
+
+
+class _SlotCache:
+    """K/V of every live row, right-aligned: all rows write their next token into column
+    ``end``; row s owns columns ``[start[s], end]``. Left of ``start`` is padding (masked).
+
+    Buffers hold ``capacity`` columns; they are compacted (everything shifted left by the
+    padding all rows share) or grown only when full, so a step appends without copying.
+    """
+
+    def __init__(self, n_layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int, like: torch.Tensor) -> None:
+        shape = (slots, kv_heads, capacity, head_dim)
+        self.k = [like.new_zeros(shape) for _ in range(n_layers)]
+        self.v = [like.new_zeros(shape) for _ in range(n_layers)]
+        self.start = [0] * slots
+        self.end = 0
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def _move(self, src: int, dst: int, length: int) -> None:
+        for buf in (*self.k, *self.v):
+            buf[:, :, dst : dst + length] = buf[:, :, src : src + length].clone()
+
+    def _grow(self, capacity: int) -> None:
+        for bufs in (self.k, self.v):
+            for i, buf in enumerate(bufs):
+                new = buf.new_zeros((buf.shape[0], buf.shape[1], capacity, buf.shape[3]))
+                new[:, :, : self.end] = buf[:, :, : self.end]
+                bufs[i] = new
+
+    def reserve(self, live: Sequence[int], columns: int, max_capacity: int) -> None:
+        """Make room for ``columns`` more columns at ``end`` (shift out shared padding first)."""
+        if self.end + columns <= self.capacity:
+            return
+        shift = min((self.start[s] for s in live), default=self.end)
+        if shift > 0:
+            self._move(shift, 0, self.end - shift)
+            self.start = [max(0, x - shift) for x in self.start]
+            self.end -= shift
+        if self.end + columns > self.capacity:
+            self._grow(min(max(2 * self.capacity, self.end + columns), max(max_capacity, self.end + columns)))
+
+    def ensure_left(self, width: int, live: Sequence[int], max_capacity: int) -> None:
+        """Make ``end >= width`` so a prompt of ``width`` tokens fits left of ``end``."""
+        if self.end >= width:
+            return
+        shift = width - self.end
+        if width + 1 > self.capacity:
+            self._grow(max(2 * self.capacity, width + 1))
+        self._move(0, shift, self.end)
+        self.start = [x + shift for x in self.start]
+        self.end += shift
+
+    def keep(self, slots: list[int]) -> None:
+        """Drop all other slots (the batch shrinks once the queue is empty)."""
+        index = torch.tensor(slots, device=self.k[0].device)
+        self.k = [b.index_select(0, index) for b in self.k]
+        self.v = [b.index_select(0, index) for b in self.v]
+        self.start = [self.start[s] for s in slots]
+
+
+class ContinuousBatchingGenerator(Generator):
+    """Our engine: a fixed number of slots, each refilled with the next prompt the moment its
+    row stops, so every step computes ``max_batch`` live rows instead of waiting for the
+    longest row of a static batch. New prompts are prefilled together (left-padded) and their
+    K/V copied into the free slots; decode steps run one token for every slot at once.
+    """
+
+    name = "continuous"
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        max_batch: int = 32,
+        logits_hook: LogitsHook | None = None,
+        max_context: int | None = None,
+    ) -> None:
+        check_supported(model)
+        self.model = model.eval()
+        self.inner = model.model
+        self.eos = _eos_set(eos_token_ids)
+        self.pad = pad_token_id
+        self.max_batch = max_batch
+        self.hook = logits_hook
+        config = model.config
+        self.max_context = max_context or int(getattr(config, "max_position_embeddings", 1 << 30))
+        attn = self.inner.layers[0].self_attn
+        self.head_dim = int(getattr(attn, "head_dim", config.hidden_size // config.num_attention_heads))
+        self.kv_heads = int(config.num_key_value_heads)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+
+    # -- the model, with our attention ------------------------------------------------
+
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        kv: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Logits of the last position of each row. ``kv(layer, k, v)`` stores the new keys
+        and values and returns the keys/values to attend over."""
+        x = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(x, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        n, t = ids.shape
+        for i, layer in enumerate(self.inner.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(n, t, -1, self.head_dim)
+            k = attn.k_proj(h).view(n, t, -1, self.head_dim)
+            v = attn.v_proj(h).view(n, t, -1, self.head_dim).transpose(1, 2)
+            if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = kv(i, k, v)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(n, t, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = self.inner.norm(x[:, -1])
+        return self.model.lm_head(x).float()
+
+    # -- scheduling --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest], on_done: OnDone | None = None) -> list[GenerationOutput]:
+        results: list[GenerationOutput | None] = [None] * len(requests)
+        if not requests:
+            return []
+        queue = deque(range(len(requests)))
+        slots: list[_Row | None] = [None] * min(self.max_batch, len(requests))
+        longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
+        max_capacity = min(longest, self.max_context) + 1
+        first_width = max(len(requests[i].prompt_ids) for i in list(queue)[: len(slots)])
+        cache = _SlotCache(
+            len(self.inner.layers), len(slots), self.kv_heads, self.head_dim,
+            min(max_capacity, first_width + 256), torch.empty(0, dtype=self.dtype, device=self.device),
+        )  # fmt: skip
+
+        def done(row: _Row, reason: Literal["stop", "length"]) -> None:
+            out = GenerationOutput(row.generated, reason)
+            results[row.index] = out
+            if on_done is not None:
+                on_done(row.index, out)
+
+        while True:
+            free = [s for s, r in enumerate(slots) if r is None]
+            if free and queue:
+                self._admit(requests, queue, free, slots, cache, max_capacity, done)
+                continue  # admitted rows may have finished at once; refill again
+            live = [s for s, r in enumerate(slots) if r is not None]
+            if not live:
+                break
+            if not queue and len(live) <= len(slots) // 2:
+                cache.keep(live)  # shrink the batch: stop computing empty slots
+                slots = [slots[s] for s in live]
+                live = list(range(len(slots)))
+            self._decode(slots, live, cache, max_capacity, done)
+        return [r for r in results if r is not None]
+
+    def _admit(
+        self,
+        requests: Sequence[GenerationRequest],
+        queue: deque[int],
+        free: list[int],
+        slots: list[_Row | None],
+        cache: _SlotCache,
+        max_capacity: int,
+        done: Callable[[_Row, Literal["stop", "length"]], None],
+    ) -> None:
+        """Prefill the next prompts into the free slots and pick their first tokens."""
+        rows: list[_Row] = []
+        while queue and len(rows) < len(free):
+            i = queue.popleft()
+            r = requests[i]
+            if not r.prompt_ids:
+                raise ValueError(f"request {i} has an empty prompt")
+            row = _Row(
+                index=i,
+                prompt=tuple(r.prompt_ids),
+                limit=max(0, min(r.max_new_tokens, self.max_context - len(r.prompt_ids))),
+                temperature=r.temperature,
+                top_p=r.top_p,
+                rng=random.Random(r.seed),
+                generated=[],
+            )
+            if row.limit == 0:
+                done(row, "length")
+                continue
+            rows.append(row)
+        if not rows:
+            return
+        width = max(len(r.prompt) for r in rows)
+        live = [s for s, r in enumerate(slots) if r is not None]
+        cache.ensure_left(width, live, max_capacity)
+        n = len(rows)
+        ids = torch.full((n, width), self.pad, dtype=torch.long)
+        positions = torch.ones((n, width), dtype=torch.long)  # padding positions are masked anyway
+        valid = torch.zeros((n, width), dtype=torch.bool)
+        for j, row in enumerate(rows):
+            p = len(row.prompt)
+            ids[j, width - p :] = torch.tensor(row.prompt)
+            positions[j, width - p :] = torch.arange(p)
+            valid[j, width - p :] = True
+        causal = torch.ones((width, width), dtype=torch.bool).tril()
+        # A padding query attends to itself only, so no row of the mask is empty (NaN).
+        mask = (causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool)
+        targets = free[:n]
+        index = torch.tensor(targets, device=self.device)
+        lo = cache.end - width
+
+        def kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            cache.k[layer][:, :, lo : cache.end].index_copy_(0, index, k)
+            cache.v[layer][:, :, lo : cache.end].index_copy_(0, index, v)
+            return k, v
+
+        logits = self._forward(ids.to(self.device), positions.to(self.device), mask[:, None].to(self.device), kv)
+        for s, row in zip(targets, rows, strict=True):
+            cache.start[s] = cache.end - len(row.prompt)
+            slots[s] = row
+        self._advance(rows, targets, logits, slots, done)
+
+    def _decode(
+        self,
+        slots: list[_Row | None],
+        live: list[int],
+        cache: _SlotCache,
+        max_capacity: int,
+        done: Callable[[_Row, Literal["stop", "length"]], None],
+    ) -> None:
+        """One token for every slot."""
+        cache.reserve(live, 1, max_capacity)
+        col = cache.end
+        n = len(slots)
+        tokens = [self.pad] * n
+        positions = [0] * n
+        for s in range(n):
+            row = slots[s]
+            if row is None:
+                cache.start[s] = col  # an empty slot attends to its own column only
+            else:
+                tokens[s] = row.generated[-1]
+                positions[s] = len(row.prompt) + len(row.generated) - 1
+        start = torch.tensor(cache.start, device=self.device)
+        mask = (torch.arange(col + 1, device=self.device)[None, :] >= start[:, None])[:, None, None, :]
+
+        def kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            cache.k[layer][:, :, col : col + 1] = k
+            cache.v[layer][:, :, col : col + 1] = v
+            return cache.k[layer][:, :, : col + 1], cache.v[layer][:, :, : col + 1]
+
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        pos = torch.tensor(positions, device=self.device)[:, None]
+        logits = self._forward(ids, pos, mask, kv)
+        cache.end = col + 1
+        rows = [slots[s] for s in live]
+        self._advance([r for r in rows if r is not None], live, logits[live], slots, done)
+
+    def _advance(
+        self,
+        rows: list[_Row],
+        slot_ids: list[int],
+        logits: torch.Tensor,
+        slots: list[_Row | None],
+        done: Callable[[_Row, Literal["stop", "length"]], None],
+    ) -> None:
+        if self.hook is not None:
+            logits = self.hook([r.prompt for r in rows], [len(r.generated) for r in rows], logits)
+        for s, row, token in zip(slot_ids, rows, choose_tokens(logits, rows), strict=True):
+            if token in self.eos:
+                slots[s] = None
+                done(row, "stop")
+                continue
+            row.generated.append(token)
+            if len(row.generated) >= row.limit:
+                slots[s] = None
+                done(row, "length")
+
+
+def choose_tokens(logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
+    """Greedy for temperature 0, else temperature + nucleus (top-p) sampling, each row with
+    its own RNG so a row's sample does not depend on its batch mates."""
+    chosen = logits.argmax(dim=-1).tolist()
+    sampled = [j for j, r in enumerate(rows) if r.temperature > 0]
+    if not sampled:
+        return [int(t) for t in chosen]
+    idx = torch.tensor(sampled, device=logits.device)
+    temps = torch.tensor([rows[j].temperature for j in sampled], device=logits.device)[:, None]
+    top_p = torch.tensor([rows[j].top_p for j in sampled], device=logits.device)[:, None]
+    probs = torch.softmax(logits.index_select(0, idx).float() / temps, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    cum = sorted_probs.cumsum(dim=-1)
+    keep = (cum - sorted_probs) < top_p  # the smallest prefix reaching top_p (never empty)
+    kept = sorted_probs * keep
+    u = torch.tensor([rows[j].rng.random() for j in sampled], device=logits.device, dtype=kept.dtype)
+    cdf = kept.cumsum(dim=-1)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=probs.shape[-1] - 1)
+    picked = order.gather(1, pick).squeeze(1).tolist()
+    for j, t in zip(sampled, picked, strict=True):
+        chosen[j] = t
+    return [int(t) for t in chosen]
+
+
+# --------------------------------------------------------------------------- vLLM
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # vLLM import can fail in many ways without a GPU
+        return False
+    return bool(torch.cuda.is_available())
+
+
+class VLLMGenerator(Generator):  # pragma: no cover - needs a GPU and vLLM
+    """vLLM's engine (paged attention, continuous batching on GPU), one seed per request."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: Path, *, eos_token_ids: Sequence[int], max_model_len: int | None = None) -> None:
+        from vllm import LLM
+
+        self.eos = sorted(_eos_set(eos_token_ids))
+        self.llm = LLM(
+            model=str(model_dir),
+            tensor_parallel_size=max(1, torch.cuda.device_count()),
+            max_model_len=max_model_len,
+            trust_remote_code=False,
+        )
+
+    def generate(self, requests: Sequence[GenerationRequest], on_done: OnDone | None = None) -> list[GenerationOutput]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                temperature=r.temperature,
+                top_p=r.top_p if r.temperature > 0 else 1.0,
+                max_tokens=r.max_new_tokens,
+                seed=r.seed,
+                stop_token_ids=self.eos,
+            )
+            for r in requests
+        ]
+        prompts: Any = [{"prompt_token_ids": list(r.prompt_ids)} for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for i, out in enumerate(outputs):
+            completion = out.outputs[0]
+            tokens = [t for t in completion.token_ids if t not in self.eos]
+            result = GenerationOutput(tokens, "length" if completion.finish_reason == "length" else "stop")
+            results.append(result)
+            if on_done is not None:
+                on_done(i, result)
+        return results
+
+    def close(self) -> None:
+        del self.llm
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    generator: Generator
+    tokenizer: Any
+    eos_token_ids: list[int]
+
+
+def eos_token_ids(tokenizer: Any, model_dir: Path) -> list[int]:
+    """Every token that ends a response: the tokenizer's EOS plus the generation config's.
+
+    Chat models often end a turn with a token (``<|im_end|>``) other than the pretraining EOS
+    (``<|endoftext|>``); stopping at only one of them lets responses run on to the limit and
+    be scored as truncated.
+    """
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(model_dir)
+        extra = gen.eos_token_id
+        ids += [int(t) for t in (extra if isinstance(extra, list) else [extra]) if t is not None]
+    except (OSError, ValueError):
+        pass
+    return sorted(set(ids))
+
+
+def load(
+    model_dir: Path,
+    *,
+    backend: Literal["auto", "transformers", "vllm", "continuous", "generate"] = "auto",
+    batch_size: int = 32,
+    device: str | None = None,
+) -> LoadedModel:
+    """Load a model directory for generation with the best backend available.
+
+    ``auto``: vLLM when installed and a GPU is present, else our engine, else (unknown
+    architecture) transformers' ``generate``. ``transformers`` means in-process torch: our
+    engine when it supports the model, else ``generate``. ``continuous`` / ``generate`` force one.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eos = eos_token_ids(tokenizer, model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    if backend == "vllm" or (backend == "auto" and vllm_available()):
+        return LoadedModel(VLLMGenerator(model_dir, eos_token_ids=eos), tokenizer, eos)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device)
+    model.eval()
+    if backend != "generate":
+        try:
+            engine = ContinuousBatchingGenerator(model, eos_token_ids=eos, pad_token_id=pad, max_batch=batch_size)
+            return LoadedModel(engine, tokenizer, eos)
+        except UnsupportedModel as e:
+            if backend == "continuous":
+                raise
+            log.info("continuous batching does not support this model (%s); using transformers.generate", e)
+    return LoadedModel(
+        TransformersGenerator(model, eos_token_ids=eos, pad_token_id=pad, batch_size=batch_size), tokenizer, eos
+    )
+
+
+def chat_prompt(tokenizer: Any, user: str, system: str | None = None) -> tuple[list[int], bool]:
+    """Token ids of a one-turn chat prompt, and whether it leaves a ``<think>`` block open.
+
+    R1-style templates end the prompt with ``<think>\\n``; then a response without
+    ``</think>`` never finished thinking and has no answer.
+    """
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = (f"{system}\n\n" if system else "") + user + "\n"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    return list(ids), text.rfind("<think>") > text.rfind("</think>")
+
+
+def decode(tokenizer: Any, token_ids: Sequence[int]) -> str:
+    """Response text *with* special tokens: ``<think>``/``</think>`` are special in many
+    tokenizers, and skipping them would hide where the reasoning ends."""
+    return str(tokenizer.decode(list(token_ids), skip_special_tokens=False))
