@@ -119,25 +119,28 @@ class Cluster:
         self.plans.append(plan)
         return plan
 
-    def gone(self) -> None:
+    def gone(self) -> Cluster:
         """Children marked for deletion finish disappearing."""
         self.bjs = {k: v for k, v in self.bjs.items() if not v.deleting}
         self.jobs = {k: v for k, v in self.jobs.items() if not v.deleting}
+        return self
 
-    def branch(self, name: str, **changes: Any) -> None:
+    def branch(self, name: str, **changes: Any) -> Cluster:
         key = f"r1-{name}"
         self.bjs[key] = replace(self.bjs[key], **changes)
+        return self
 
-    def succeed_branches(self, *names: str) -> None:
+    def succeed_branches(self, *names: str) -> Cluster:
         for name in names or ("math", "science", "code"):
             bj = self.bjs[f"r1-{name}"]
             self.branch(name, phase="Succeeded", output_uri=f"s3://runs/r1/branches/{name}/{bj.fingerprint}/model")
+        return self
 
     def job(self, role: str) -> ObservedJob:
         [job] = [j for j in self.jobs.values() if j.stage == role and not j.deleting]
         return job
 
-    def finish(self, role: str, ok: bool = True, result: StageResult | None = None) -> None:
+    def finish(self, role: str, ok: bool = True, result: StageResult | None = None) -> Cluster:
         job = self.job(role)
         if result is None:
             kind = "Merge" if role == "merge" else "Eval"
@@ -151,10 +154,12 @@ class Cluster:
                 error=None if ok else StageError(reason="OutOfMemory", message="killed while fusing layer 12"),
             )
         self.jobs[job.name] = replace(job, phase="Succeeded" if ok else "Failed", result=result)
+        return self
 
-    def edit(self, mutate: Callable[[dict[str, Any]], Any]) -> None:
+    def edit(self, mutate: Callable[[dict[str, Any]], Any]) -> Cluster:
         mutate(self.obj["spec"])
         self.obj["metadata"]["generation"] += 1
+        return self
 
     def run_to_success(self, start: float = 0) -> None:
         self.reconcile(at(start))
