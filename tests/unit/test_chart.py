@@ -328,3 +328,14 @@ def test_kustomize_overlays_render_the_same_operator(tmp_path: Path) -> None:
             assert pod[key] == chart_pod[key], key
         one(objs, "Service")
         assert one(objs, "ServiceAccount")["automountServiceAccountToken"] is False
+
+
+def test_s3_secret_template_holds_placeholders_only() -> None:
+    secret = yaml.safe_load((REPO / "examples" / "s3-credentials-secret.yaml").read_text())
+    assert secret["kind"] == "Secret" and secret["type"] == "Opaque"
+    assert set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for value in secret["stringData"].values():
+        assert value.startswith("<") and value.endswith(">"), "a template must never carry a real key"
+    # The name the TinyR1 example refers to.
+    example = yaml.safe_load((REPO / "examples" / "tinyr1-32b.yaml").read_text())
+    assert example["spec"]["output"]["credentialsSecret"] == secret["metadata"]["name"]
