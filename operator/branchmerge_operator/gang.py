@@ -106,6 +106,7 @@ class ObservedPod:
     termination_message: str | None = None
     deleting: bool = False
     created: datetime | None = None
+    started: datetime | None = None
     unschedulable: str | None = None
     disruption_target: bool = False
     fingerprint: str | None = None
@@ -153,6 +154,7 @@ class ObservedPod:
             termination_message=termination_message,
             deleting=bool(meta.get("deletionTimestamp")),
             created=parse_time(meta.get("creationTimestamp")),
+            started=parse_time(status.get("startTime")),
             unschedulable=unschedulable,
             disruption_target=disruption,
             fingerprint=labels.get(LABEL_FINGERPRINT),

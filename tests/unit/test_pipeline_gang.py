@@ -405,6 +405,7 @@ def test_observed_pod_from_object() -> None:
         "status": {
             "phase": "Failed",
             "reason": "Evicted",
+            "startTime": "2025-03-01T12:00:05Z",
             "conditions": [
                 {"type": "PodScheduled", "status": "True"},
                 {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"},
@@ -417,6 +418,7 @@ def test_observed_pod_from_object() -> None:
     obs = ObservedPod.from_object(pod)
     assert (obs.rank, obs.attempt, obs.phase, obs.reason, obs.exit_code) == (1, 3, "Failed", "Evicted", 137)
     assert obs.disruption_target and obs.disrupted and obs.created == T0 and obs.fingerprint == "fp"
+    assert obs.started == at(5)
     assert obs.result is not None and obs.result.error is not None
     pending = ObservedPod.from_object({
         "metadata": {"name": "x-0"},
