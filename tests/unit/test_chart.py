@@ -41,6 +41,7 @@ MATRIX: dict[str, dict[str, Any]] = {
         "trainer": {"image": {"repository": "registry.example.com/bm/trainer", "tag": "0.1.0-vllm"}},
         "imagePullSecrets": [{"name": "regcred"}],
         "logLevel": "debug",
+        "logFormat": "plain",
         "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
         "nodeSelector": {"node-role.kubernetes.io/control-plane": ""},
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}],
@@ -67,6 +68,7 @@ INVALID: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "unknown-key": ({"replicas": 2}, "replicas"),
     "bad-log-level": ({"logLevel": "loud"}, "logLevel"),
+    "bad-log-format": ({"logFormat": "xml"}, "logFormat"),
     "bad-namespace-name": ({"clusterWide": False, "watchNamespaces": ["Team_A"]}, "watchNamespaces"),
     "bad-digest": ({"image": {"digest": "latest"}}, "digest"),
     "external-sa-without-name": ({"serviceAccount": {"create": False}}, "serviceAccount.name"),
@@ -183,8 +185,10 @@ def test_lint_and_template(case: str, tmp_path: Path) -> None:
         assert [a for a in args if a.startswith("--namespace")] == [f"--namespace={ns}" for ns in watch]
         assert "--all-namespaces" not in args
     env = env_of(container)
-    assert env["BRANCHMERGE_LOG_LEVEL"] == values.get("logLevel", "info")
-    assert env["BRANCHMERGE_METRICS_PORT"] == ("8080" if metrics else "0")
+    # The flags of `branchmerge operator` (operator_main.py).
+    assert f"--metrics-port={8080 if metrics else 0}" in args
+    assert f"--log-format={values.get('logFormat', 'json')}" in args
+    assert ("--verbose" in args) == (values.get("logLevel") == "debug")
     assert env["BRANCHMERGE_TRAINER_IMAGE"].startswith(
         values.get("trainer", {}).get("image", {}).get("repository", "ghcr.io/branchmerge/trainer") + ":"
     )
@@ -307,6 +311,10 @@ def test_kustomize_overlays_render_the_same_operator(tmp_path: Path) -> None:
         dep = one(objs, "Deployment")
         container = check_operator_deployment(dep)
         assert container["args"][-1] == scope_arg
+        assert (
+            container["args"][:-1]
+            == [a for a in chart_container["args"] if not a.startswith("--all-namespaces")][:2]
+        )
         assert set(env_of(container)) == set(env_of(chart_container))
         # One operator, two packagings: the pod-level settings must not drift apart.
         for key in (
@@ -339,3 +347,23 @@ def test_s3_secret_template_holds_placeholders_only() -> None:
     # The name the TinyR1 example refers to.
     example = yaml.safe_load((REPO / "examples" / "tinyr1-32b.yaml").read_text())
     assert example["spec"]["output"]["credentialsSecret"] == secret["metadata"]["name"]
+
+
+def test_operator_cli_accepts_the_rendered_args(tmp_path: Path) -> None:
+    """Every Deployment we ship passes arguments `branchmerge operator` understands."""
+    from branchmerge_operator import cli
+
+    parser = cli.build_parser()
+    if "operator" not in cli.COMMANDS:
+        pytest.skip("`branchmerge operator` is not registered in this checkout yet")
+    renders = {f"chart-{case}": render_chart(values, tmp_path) for case, values in MATRIX.items()}
+    renders |= {f"kustomize-{o}": kustomize(o) for o in ("cluster-wide", "namespaced")}
+    for name, objs in renders.items():
+        container = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        args = [a.replace("$(POD_NAMESPACE)", RELEASE_NS) for a in container["args"]]
+        try:
+            parsed = parser.parse_args(["operator", *args])
+        except SystemExit as e:
+            raise AssertionError(f"{name}: `branchmerge operator {' '.join(args)}` exits {e.code}") from e
+        assert parsed.liveness == "http://0.0.0.0:8081/healthz", name
+        assert bool(parsed.namespace) != bool(parsed.all_namespaces), name
