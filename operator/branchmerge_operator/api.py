@@ -54,6 +54,7 @@ from .naming import (
     DNS_1035_LABEL,
     DNS_1123_LABEL,
     DNS_1123_SUBDOMAIN,
+    GROUP,
     MAX_BRANCH_NAME,
     MAX_BRANCHJOB_NAME,
     MAX_DISTILLATION_NAME,
@@ -362,6 +363,23 @@ _ARITY: dict[str, tuple[bool, int, int | None]] = {
 }
 
 
+def _reference_issue(ref: str, field: str, known: set[str], *, first: bool) -> Issue | None:
+    """A merge step names a model that is not (yet) available."""
+    if ref == "previous" and first:
+        return Issue(
+            field,
+            "'previous' means the previous step's output, and the first step has none",
+            "name a branch or 'student' in the first step",
+        )
+    if ref not in known:
+        return Issue(
+            field,
+            f"{ref!r} is not a branch, 'student', an earlier step or 'previous'",
+            f"{_suggest(ref, known)}use one of: {', '.join(sorted(known))}",
+        )
+    return None
+
+
 def _merge_issues(spec: DistillationSpec) -> list[Issue]:
     issues: list[Issue] = []
     branches = [b.name for b in spec.branches]
@@ -396,34 +414,16 @@ def _merge_issues(spec: DistillationSpec) -> list[Issue]:
         known = models | set(step_names) | ({"previous"} if i > 0 else set())
         method = step.method or merge.method
 
-        def check_ref(ref: str, field: str, known: set[str] = known, i: int = i) -> None:
-            if ref == "previous" and i == 0:
-                issues.append(
-                    Issue(
-                        field,
-                        "'previous' means the previous step's output, and the first step has none",
-                        "name a branch or 'student' in the first step",
-                    )
-                )
-            elif ref not in known:
-                options = ", ".join(sorted(known))
-                issues.append(
-                    Issue(
-                        field,
-                        f"{ref!r} is not a branch, 'student', an earlier step or 'previous'",
-                        f"{_suggest(ref, known)}use one of: {options}",
-                    )
-                )
-
         refs: list[str] = []
+        fields: list[tuple[str, str]] = []
         if step.base is not None:
-            check_ref(step.base, f"{where}.base")
+            fields.append((step.base, f"{where}.base"))
             refs.append(step.base)
         if step.other is not None:
-            check_ref(step.other, f"{where}.other")
+            fields.append((step.other, f"{where}.other"))
         else:
-            for j, entry in enumerate(step.models):
-                check_ref(entry.model, f"{where}.models[{j}].model")
+            fields += [(entry.model, f"{where}.models[{j}].model") for j, entry in enumerate(step.models)]
+        issues += [issue for ref, field in fields if (issue := _reference_issue(ref, field, known, first=i == 0))]
         others = [e.model for e in step.model_entries()]
         refs.extend(others)
         base_required, lo, hi = _ARITY[method]
@@ -763,6 +763,14 @@ def parse_manifest(data: Any, source: str = "") -> Resource:
     return obj
 
 
+def is_branchmerge(doc: Any) -> bool:
+    """Whether a document is addressed to this API (group branchmerge.io, or no apiVersion at
+    all) rather than, say, a Secret or Namespace shipped in the same file."""
+    if not isinstance(doc, Mapping) or not doc.get("apiVersion"):
+        return True
+    return str(doc["apiVersion"]).split("/")[0] == GROUP
+
+
 def read_documents(path: str | Path) -> list[Any]:
     """All non-empty YAML documents of a file ('-' reads stdin)."""
     text = sys.stdin.read() if str(path) == "-" else Path(path).read_text()
@@ -770,7 +778,8 @@ def read_documents(path: str | Path) -> list[Any]:
 
 
 def load_manifests(path: str | Path) -> list[Resource]:
-    """Every Distillation/BranchJob in a (multi-document) YAML file, validated.
+    """Every Distillation/BranchJob in a (multi-document) YAML file, validated; documents of
+    other API groups (a Secret next to the Distillation) are skipped.
 
     Raises ManifestError listing the problems of every invalid document, or a
     yaml.YAMLError / OSError for an unreadable file.
@@ -778,6 +787,8 @@ def load_manifests(path: str | Path) -> list[Resource]:
     out: list[Resource] = []
     bad: list[ValidationReport] = []
     for i, doc in enumerate(read_documents(path)):
+        if not is_branchmerge(doc):
+            continue
         obj, report = check_manifest(doc, f"{path}#{i + 1}")
         if obj is None:
             bad.append(report)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from .naming import GROUP
 from .validation import ManifestError
 
 Configure = Callable[[argparse.ArgumentParser], None]
@@ -54,13 +55,18 @@ def command(name: str, help: str, configure: Configure) -> Callable[[Run], Run]:
 
 
 def _configure_validate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("files", nargs="+", metavar="FILE", help="YAML manifests (multi-document allowed; '-' = stdin)")
+    p.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="YAML manifests (multi-document allowed; '-' = stdin); objects of other API groups are skipped",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print problems only")
 
 
 @command("validate", "check manifests: schema and cross-field rules, with the fix for each problem", _configure_validate)
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .api import check_manifest, read_documents
+    from .api import check_manifest, is_branchmerge, read_documents
 
     bad = 0
     for file in args.files:
@@ -75,6 +81,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             bad += 1
         for i, doc in enumerate(docs):
             where = file if len(docs) == 1 else f"{file} (document {i + 1})"
+            if not is_branchmerge(doc):
+                if not args.quiet:
+                    print(f"{where}: {_label(doc)}: skipped (not a {GROUP} resource)")
+                continue
             obj, report = check_manifest(doc, where)
             if obj is None:
                 bad += 1

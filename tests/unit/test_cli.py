@@ -32,6 +32,17 @@ def test_validate_malformed_fails_with_readable_errors(capsys: pytest.CaptureFix
     assert "spec.output.secretAccessKey: credentials are not allowed in the spec" in err
 
 
+def test_validate_skips_objects_of_other_api_groups(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "bundle.yaml"
+    secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: s3}\nstringData: {AWS_ACCESS_KEY_ID: x}\n"
+    bundle.write_text(secret + "---\n" + (ROOT / "examples/tiny-cpu.yaml").read_text())
+    assert cli.main(["validate", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "Secret/s3: skipped (not a branchmerge.io resource)" in out and "Distillation/tiny-cpu: valid" in out
+    assert cli.main(["plan", str(bundle)]) == 0
+    assert capsys.readouterr().out.startswith("Distillation/tiny-cpu\n")
+
+
 def test_validate_mixed_files_and_unreadable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text("kind: [unclosed\n")
