@@ -100,8 +100,11 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         rt.client = KubeClient(_state.endpoint, relogin=_relogin(settings))
     _state.runtime = rt
     if CONFIG.metrics_port and _state.metrics_port != CONFIG.metrics_port:
-        metrics.serve(CONFIG.metrics_port, CONFIG.metrics_address)
-        _state.metrics_port = CONFIG.metrics_port
+        try:
+            metrics.serve(CONFIG.metrics_port, CONFIG.metrics_address)
+            _state.metrics_port = CONFIG.metrics_port
+        except OSError as e:  # reconciling matters more than metrics: say so loudly, go on
+            log.error("cannot serve metrics on %s:%s: %s", CONFIG.metrics_address, CONFIG.metrics_port, e)
     log.info(
         "branchmerge operator started: %s, peering %s, metrics %s",
         "all namespaces" if CONFIG.clusterwide else f"namespaces {', '.join(CONFIG.namespaces)}",

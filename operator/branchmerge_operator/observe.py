@@ -11,6 +11,7 @@ own writes. Everything here is synchronous and free of I/O, so it is unit-tested
 from __future__ import annotations
 
 import copy
+import json
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +21,7 @@ from typing import Any
 from branchmerge_trainer.stages import PROGRESS_PREFIX, Progress
 from pydantic import ValidationError
 
+from .api import check_manifest
 from .naming import LABEL_ATTEMPT, LABEL_BRANCHJOB, LABEL_DISTILLATION, LABEL_RANK
 
 Obj = dict[str, Any]
@@ -306,3 +308,34 @@ def merge_patch_into(current: Any, patch: Any) -> Any:
         else:
             out[key] = merge_patch_into(out.get(key), value)
     return out
+
+
+# --------------------------------------------------------------------------- pruned fields
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+_PRUNED_MESSAGES = ("unknown field", "credentials are not allowed")
+
+
+def as_applied(body: Obj) -> Obj:
+    """The object with the spec the user last applied, when the API server pruned part of it.
+
+    A structural CRD schema cannot reject unknown fields: the server drops them, so a typo
+    (`backofLimit`) silently becomes a default and a key typed into the spec silently
+    vanishes. kubectl keeps what the user applied in an annotation; when that version has
+    unknown fields, the planner is given it, and reports them in a Stalled condition (the fix
+    is to correct the manifest and apply it again). Otherwise the body is returned as is.
+    """
+    text = (meta(body).get("annotations") or {}).get(LAST_APPLIED)
+    if not text:
+        return body
+    try:
+        applied = json.loads(text)
+    except ValueError:
+        return body
+    if not isinstance(applied, dict) or applied.get("kind") != body.get("kind") or "spec" not in applied:
+        return body
+    candidate = {**{k: v for k, v in body.items() if k != "status"}, "spec": applied["spec"]}
+    parsed, report = check_manifest(candidate)
+    if parsed is not None or not any(m in i.message for i in report.issues for m in _PRUNED_MESSAGES):
+        return body
+    return {**candidate, "status": body.get("status")} if "status" in body else candidate

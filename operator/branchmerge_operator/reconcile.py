@@ -36,6 +36,7 @@ from .observe import (
     Obj,
     Overlay,
     ProgressCache,
+    as_applied,
     job_pod_message,
     last_progress,
     merge_patch_into,
@@ -91,6 +92,8 @@ class OperatorConfig:
     post_events: bool = True
     watch_server_timeout: int = 300
     watch_client_timeout: int = 330
+    #: Where rank-0 logs come from (default: the API's pods/log); tests substitute their kubelet's files.
+    log_reader: LogReader | None = None
 
 
 # --------------------------------------------------------------------------- coalescing
@@ -216,7 +219,7 @@ class Runtime:
         self.overlay = Overlay()
         self.progress = ProgressCache(config.progress_interval)
         self.indexes: dict[str, Any] = {}
-        self.log_reader: LogReader = log_reader or self._api_log
+        self.log_reader: LogReader = log_reader or config.log_reader or self._api_log
         self._log_failures: set[Key] = set()
         self._active: dict[tuple[str, str, str], str] = {}
         self._phases: dict[tuple[str, str, str], str] = {}
@@ -368,7 +371,7 @@ class Runtime:
             return None
         now = self.clock()
         observed, children, wait = self.observe_distillation(key, body, now)
-        plan = plan_distillation(body, observed, now)
+        plan = plan_distillation(as_applied(body), observed, now)
         await self.apply_distillation(body, plan, children)
         delay = plan.requeue_after
         if wait is not None:
@@ -439,7 +442,7 @@ class Runtime:
         attempt = int((body.get("status") or {}).get("attempt") or 0)
         uid0, progress = await self._rank0_progress(key, pods, attempt)
         observed = [ObservedPod.from_object(p, progress if uid0 and meta(p).get("uid") == uid0 else None) for p in pods]
-        plan = plan_branchjob(body, observed, self.clock())
+        plan = plan_branchjob(as_applied(body), observed, self.clock())
         await self.apply_branchjob(body, plan, {str(meta(p)["name"]): p for p in pods})
         delay = plan.requeue_after
         if plan.status.phase == "Running":
