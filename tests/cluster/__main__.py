@@ -181,6 +181,53 @@ def status(args: argparse.Namespace) -> int:
     )
 
 
+def measure(args: argparse.Namespace) -> int:
+    """Start everything in this process, run one Job, print start times and RSS as JSON, stop."""
+    import tempfile
+
+    from kubernetes import client
+
+    from .fixtures import start_node
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bm-measure-") as tmp:
+        t0 = time.monotonic()
+        cp = ControlPlane(Path(tmp) / "k8s")
+        kubelet = None
+        rgw = Radosgw(Path(tmp) / "s3") if args.s3 else None
+        try:
+            cluster = cp.start()
+            out["control_plane_start_s"] = round(time.monotonic() - t0, 2)
+            kubelet = start_node(cluster, "node-1")
+            out["with_node_s"] = round(time.monotonic() - t0, 2)
+            with cluster.api_client() as api:
+                batch = client.BatchV1Api(api)
+                t1 = time.monotonic()
+                job = {"metadata": {"name": "m"}, "spec": {"template": {"spec": {"restartPolicy": "Never",
+                       "containers": [{"name": "c", "image": "x", "command": ["true"]}]}}}}  # fmt: skip
+                batch.create_namespaced_job("default", job)
+                while not batch.read_namespaced_job("m", "default").status.succeeded:
+                    time.sleep(0.05)
+                out["job_create_to_complete_s"] = round(time.monotonic() - t1, 2)
+            out["rss_mib"] = cluster.rss_mib()
+            if rgw is not None:
+                t2 = time.monotonic()
+                s3 = rgw.start()
+                out["radosgw_start_s"] = round(time.monotonic() - t2, 2)
+                s3.client().create_bucket(Bucket="measure")
+                out["radosgw_rss_mib"] = s3.rss_mib()
+        finally:
+            if kubelet is not None:
+                kubelet.stop()
+            t3 = time.monotonic()
+            if rgw is not None:
+                rgw.stop()
+            cp.stop()
+            out["stop_s"] = round(time.monotonic() - t3, 2)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__)
     p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state directory (default %(default)s)")
@@ -199,9 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop it (by PID)")
     sub.add_parser("env", help='print export lines (eval "$(python -m tests.cluster env)")')
     sub.add_parser("status", help="kubectl get nodes,pods -A")
+    sp = sub.add_parser("measure", help="time a start + one Job, print RSS (figures for the README)")
+    sp.add_argument("--s3", action="store_true", help="also start radosgw")
     args = p.parse_args(argv)
     try:
-        return {"up": up, "serve": serve, "down": down, "env": env, "status": status}[args.cmd](args)
+        return {"up": up, "serve": serve, "down": down, "env": env, "status": status, "measure": measure}[
+            args.cmd
+        ](args)
     except (HarnessNotBuilt, S3NotAvailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

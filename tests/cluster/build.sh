@@ -87,7 +87,7 @@ SRC
   mkdir -p "$APT_PRIVATE/none" "$APT_PRIVATE/cache/archives/partial"
   log "apt-get update (private deb-src list)"
   apt-get "${aptopts[@]}" update -q >"$CACHE/apt-src-update.log" 2>&1 && ! grep -qE '^(W|E): Failed to fetch' "$CACHE/apt-src-update.log" \
-    || { cat "$CACHE/apt-src-update.log" >&2; die "cannot reach deb.debian.org for source packages"; }
+    || { cat "$CACHE/apt-src-update.log" >&2; die "apt cannot reach the Debian archive (deb.debian.org) to fetch the kubernetes source package: check the network or apt proxy settings (log above, also in $CACHE/apt-src-update.log)"; }
   log "apt-get source kubernetes=$K8S_DEB_VERSION"
   (cd "$work" && apt-get "${aptopts[@]}" source -q "kubernetes=$K8S_DEB_VERSION" >"$CACHE/apt-source.log" 2>&1) \
     || { tail -30 "$CACHE/apt-source.log" >&2; die "apt-get source kubernetes=$K8S_DEB_VERSION failed"; }

@@ -181,25 +181,29 @@ class _PodWorker(threading.Thread):
     def _run(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._patch("Pending")
-        # Volumes and env may reference objects that do not exist yet: wait, as a kubelet does.
+        # Volumes and env may reference objects that do not exist yet: wait, as a kubelet does
+        # (and write the status only when the reason changes, so watchers are not woken each second).
+        last: tuple[str, str] | None = None
         while True:
             try:
-                volumes = self._prepare()
+                self._prepare()
                 break
             except NotReadyYet as e:
-                for c in self.init_containers + self.containers:
-                    c.state = {"waiting": {"reason": e.reason, "message": e.message}}
-                self._patch("Pending")
+                if last != (e.reason, e.message):
+                    last = (e.reason, e.message)
+                    for c in self.init_containers + self.containers:
+                        c.state = {"waiting": {"reason": e.reason, "message": e.message}}
+                    self._patch("Pending")
                 if self.stop_event.wait(1.0):
                     self._finish()
                     return
-        self.volumes = volumes
         for c in self.init_containers:
             if not self._run_init(c):
                 self._finish()
                 return
-        if any([self._start(c) for c in self.containers]):
-            self._patch("Running")
+        for c in self.containers:
+            self._start(c)
+        self._patch(self._live_phase())
         self._supervise()
         self._finish()
 
@@ -216,10 +220,10 @@ class _PodWorker(threading.Thread):
                 return False
             c.last_state, c.restarts = {"terminated": t}, c.restarts + 1
             self._patch("Pending")
-            self.stop_event.wait(min(10.0, 0.5 * 2 ** min(c.restarts, 5)))
+            self.stop_event.wait(self._backoff(c))
         return False
 
-    def _prepare(self) -> dict[str, Path]:
+    def _prepare(self) -> None:
         all_mounts: dict[str, str | Path] = {}
         # A first pass over mount paths (without volumes) so that volume text can be rewritten.
         vol_dirs = {
@@ -244,7 +248,6 @@ class _PodWorker(threading.Thread):
                 self.pod, c.spec, self._base_env(c), self.kl.lookup, self.kl.allocatable, c.paths
             )
             c.argv = self._argv(c)
-        return volumes
 
     def _base_env(self, c: _Container) -> dict[str, str]:
         env = {k: os.environ[k] for k in self.kl.inherit_env if k in os.environ}
@@ -321,6 +324,8 @@ class _PodWorker(threading.Thread):
 
     def _start_error(self, c: _Container, message: str) -> bool:
         now = _now()
+        if not c.init and self._restarts(128):
+            c.next_start = time.monotonic() + self._backoff(c)
         c.state = {
             "terminated": {
                 "exitCode": 128,
@@ -389,13 +394,14 @@ class _PodWorker(threading.Thread):
                 if "running" in c.state:
                     if self._reap(c):
                         changed = True
-                        code = c.state["terminated"]["exitCode"]
-                        if self.restart_policy == "Always" or (
-                            self.restart_policy == "OnFailure" and code != 0
-                        ):
-                            c.next_start = time.monotonic() + min(10.0, 0.5 * 2 ** min(c.restarts, 5))
+                        term = c.state["terminated"]
+                        if self._restarts(term["exitCode"]):
+                            c.next_start = time.monotonic() + self._backoff(c)
+                            c.last_state = {"terminated": term}
+                            c.state = {
+                                "waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting"}
+                            }
                 elif c.next_start and time.monotonic() >= c.next_start:
-                    c.last_state = {"terminated": c.state.get("terminated")} if c.terminated else c.last_state
                     c.restarts += 1
                     c.next_start = 0.0
                     self._start(c)
@@ -405,8 +411,20 @@ class _PodWorker(threading.Thread):
             if not running and not pending_restart:
                 return
             if changed:
-                self._patch("Running")
+                self._patch(self._live_phase())
             time.sleep(0.05)
+
+    def _live_phase(self) -> str:
+        """Running once a container has started (also while it waits to restart), else Pending."""
+        return "Running" if any(c.started_at for c in self.containers) else "Pending"
+
+    def _restarts(self, exit_code: int) -> bool:
+        return self.restart_policy == "Always" or (self.restart_policy == "OnFailure" and exit_code != 0)
+
+    @staticmethod
+    def _backoff(c: _Container) -> float:
+        """Restart back-off: 0.5 s doubling to 10 s (a kubelet uses 10 s to 5 min; tests want speed)."""
+        return min(10.0, 0.5 * 2 ** min(c.restarts, 5))
 
     def _kill_all(self, grace: float) -> None:
         procs = [

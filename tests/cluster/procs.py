@@ -27,6 +27,10 @@ T = TypeVar("T")
 _SETPRIV = shutil.which("setpriv")
 
 
+#: What a daemon logs when the free port we picked was taken before it could bind it.
+PORT_RACE = "address already in use"
+
+
 def free_port() -> int:
     """A loopback TCP port that is free right now (the OS picks it; a small race remains)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -120,6 +124,16 @@ class Daemon:
     def stop(self, grace: float = 5.0) -> None:
         if self.proc is not None:
             stop_pid(self.proc.pid, grace=grace, popen=self.proc)
+
+
+def stop_all(daemons: Sequence[Daemon], grace: float = 5.0) -> None:
+    """SIGTERM all daemons at once, then wait for each (SIGKILL after ``grace``)."""
+    for d in daemons:
+        if d.proc is not None and d.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(d.proc.pid, signal.SIGTERM)
+    for d in daemons:
+        d.stop(grace=grace)
 
 
 def stop_pid(pid: int, grace: float = 5.0, popen: subprocess.Popen[bytes] | None = None) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .procs import Daemon, free_port, rss_mib, run, wait_for
+from .procs import PORT_RACE, Daemon, free_port, rss_mib, run, stop_all, wait_for
 
 CEPH_BINARIES = ("monmaptool", "ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph")
 BUILD_HINT = (
@@ -197,12 +197,17 @@ class Radosgw:
             raise S3NotAvailable(
                 f"S3 server (Ceph radosgw) not available, missing {', '.join(missing)}; {BUILD_HINT}"
             )
-        try:
-            return self._start(timeout)
-        except BaseException as e:
-            self.stop(keep_workdir=True)
-            e.add_note(f"Ceph logs kept in {self.workdir / 'log'}")
-            raise
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except BaseException as e:
+                self.stop(keep_workdir=True)
+                if PORT_RACE in str(e).lower() and attempt < 2:
+                    shutil.rmtree(self.workdir, ignore_errors=True)
+                    continue
+                e.add_note(f"Ceph logs kept in {self.workdir / 'log'}")
+                raise
+        raise AssertionError("unreachable")
 
     def _ceph(self, *args: str, timeout: float = 30) -> str:
         return run(["ceph", "-c", str(self.conf), "--connect-timeout", "20", *args], timeout=timeout)
@@ -288,8 +293,7 @@ class Radosgw:
         return next((m for dmn in self.daemons if (m := dmn.dead())), None)
 
     def stop(self, keep_workdir: bool = False) -> None:
-        for dmn in reversed(self.daemons):
-            dmn.stop(grace=5)
+        stop_all(list(reversed(self.daemons)), grace=5)
         self.daemons.clear()
         if self._own and not keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -450,3 +450,102 @@ def test_cli_up_env_down(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     for pid in [state["supervisor_pid"], *state["pids"].values()]:
         assert not is_running(pid), f"pid {pid} survived `down`"
+
+
+@pytest.mark.cluster
+def test_init_container_restart_policy_and_image_map(cluster: Cluster, k8s_api: Any, namespace: str) -> None:
+    """Init containers run first; OnFailure restarts in place; an image without command uses the image map."""
+    core = client.CoreV1Api(k8s_api)
+    cluster.kubelet.image_commands["example.com/flaky"] = ["sh", "-c"]
+    flaky = "n=$(cat /w/count 2>/dev/null || echo 0); echo $((n+1)) > /w/count; cat /w/init; [ $n -ge 1 ]"
+    pod = pod_manifest(
+        "restarts",
+        [],
+        restartPolicy="OnFailure",
+        initContainers=[
+            {
+                "name": "init",
+                "image": "busybox",
+                "command": ["sh", "-c", "echo from-init > /w/init"],
+                "volumeMounts": [{"name": "w", "mountPath": "/w"}],
+            }
+        ],
+        container={
+            "image": "example.com/flaky:1.0",
+            "args": [flaky],
+            "volumeMounts": [{"name": "w", "mountPath": "/w"}],
+        },
+        volumes=[{"name": "w", "emptyDir": {}}],
+    )
+    del pod["spec"]["containers"][0]["command"]
+    core.create_namespaced_pod(namespace, pod)
+    done = wait(
+        "pod Succeeded after one restart",
+        lambda: (
+            p if (p := core.read_namespaced_pod("restarts", namespace)).status.phase == "Succeeded" else None
+        ),
+        60,
+        lambda: cluster.dump(namespace),
+    )
+    status = done.status.container_statuses[0]
+    assert status.restart_count == 1
+    assert status.last_state.terminated.exit_code == 1
+    assert done.status.init_container_statuses[0].state.terminated.exit_code == 0
+    assert "from-init" in cluster.kubelet.logs(namespace, "restarts")
+
+
+@pytest.mark.cluster
+def test_missing_secret_blocks_container_until_created(
+    cluster: Cluster, k8s_api: Any, namespace: str
+) -> None:
+    core = client.CoreV1Api(k8s_api)
+    env = [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "late", "key": "t"}}}]
+    core.create_namespaced_pod(
+        namespace,
+        pod_manifest("waits", ["sh", "-c", 'printf "$T" > /dev/termination-log'], container={"env": env}),
+    )
+
+    def config_error() -> bool:
+        st = core.read_namespaced_pod("waits", namespace).status.container_statuses
+        return bool(st and st[0].state.waiting and st[0].state.waiting.reason == "CreateContainerConfigError")
+
+    wait("CreateContainerConfigError", config_error, 30)
+    assert core.read_namespaced_pod("waits", namespace).status.phase == "Pending"
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "late"}, "stringData": {"t": "arrived"}})
+    pod = wait(
+        "pod Succeeded",
+        lambda: (
+            p if (p := core.read_namespaced_pod("waits", namespace)).status.phase == "Succeeded" else None
+        ),
+        30,
+    )
+    assert pod.status.container_statuses[0].state.terminated.message == "arrived"
+
+
+S3_SCRIPT = """
+import os, sys, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT"], region_name="us-east-1")
+s3.put_object(Bucket=os.environ["BUCKET"], Key="from-pod", Body=b"written by a pod")
+print("ok")
+"""
+
+
+@pytest.mark.cluster
+@pytest.mark.s3
+def test_pod_gets_s3_credentials_from_secret(
+    cluster: Cluster, k8s_api: Any, namespace: str, s3: S3Server, s3_bucket: str, s3_secret: str
+) -> None:
+    """Credentials reach a pod only through the referenced Secret, and radosgw accepts them."""
+    core = client.CoreV1Api(k8s_api)
+    env = [{"name": "S3_ENDPOINT", "value": s3.endpoint}, {"name": "BUCKET", "value": s3_bucket}]
+    container = {"env": env, "envFrom": [{"secretRef": {"name": s3_secret}}]}
+    core.create_namespaced_pod(
+        namespace, pod_manifest("uploader", ["python", "-c", S3_SCRIPT], container=container)
+    )
+    wait(
+        "uploader Succeeded",
+        lambda: core.read_namespaced_pod("uploader", namespace).status.phase == "Succeeded",
+        60,
+        lambda: cluster.dump(namespace),
+    )
+    assert s3.client().get_object(Bucket=s3_bucket, Key="from-pod")["Body"].read() == b"written by a pod"
