@@ -314,7 +314,7 @@ class MergeStage(StageBase):
         "other models may be plain Hugging Face directories.",
     )
     prefetch_mb: Annotated[int, Field(ge=16)] = Field(
-        default=512, description="Bound on tensor bytes read ahead and in flight (memory ~ this + one tensor)."
+        default=256, description="Bound on tensor bytes read ahead and in flight (memory ~ this + one tensor)."
     )
 
 

@@ -178,15 +178,18 @@ def compute_tensor(
     plan: MergePlan, tp: TensorPlan, reader: TensorReader, device: torch.device, seed: int
 ) -> tuple[Tensor, dict[str, tuple[int, int]]]:
     """Read ``tp``'s inputs and evaluate every step on them; returns the output tensor (on
-    the CPU) and, per Arcee Fusion step, (elements taken from the other model, elements)."""
+    the CPU) and, per Arcee Fusion step, (elements selected from the other model, elements)."""
     if tp.kind == "copy":
         return reader.read(plan.checkpoints[tp.leaves[0]], tp.name), {}
+    # Inputs are read when a step first needs them and dropped after their last use, so a
+    # chain holds at most one step's inputs plus its output at a time.
     values: dict[str, Tensor] = {}
-    for m in tp.leaves:
-        values[m] = reader.read(plan.checkpoints[m], tp.name)
     fused: dict[str, tuple[int, int]] = {}
     result: Tensor | None = None
     for i, step in enumerate(plan.steps):
+        for x in step.inputs:
+            if x not in values:
+                values[x] = reader.read(plan.checkpoints[x], tp.name).to(device=device, dtype=plan.work_dtype)
         inputs = [values[x].to(device=device, dtype=plan.work_dtype) for x in step.inputs]
         if tp.vocab:
             rows = min(x.shape[0] for x in inputs)
@@ -202,9 +205,8 @@ def compute_tensor(
             out_dtype=plan.out_dtype,
         )
         result = step.method.run(call)
-        if step.method.name == "arcee_fusion" and step.base is not None:
-            base = inputs[step.base].to(result.dtype)
-            fused[step.name] = (int((result != base).sum()), result.numel())
+        if "fused" in call.stats:
+            fused[step.name] = (int(call.stats["fused"]), result.numel())
         del inputs, call
         values[step.name] = result
         for x in step.inputs:
@@ -221,7 +223,7 @@ def execute(
     seed: int = 0,
     device: torch.device | None = None,
     workers: int | None = None,
-    budget_bytes: int = 512 * 1024 * 1024,
+    budget_bytes: int = 256 * 1024 * 1024,
     progress: ProgressFn | None = None,
 ) -> EngineStats:
     """Compute every tensor of ``plan`` and write the planned shards into ``out_dir``."""

@@ -319,12 +319,8 @@ def build_plan(stage: MergeStage, storage_of: Callable[[str], Storage] | None = 
             vocab_rows = shape[0]
         out_code = CODE_OF[out_dtype] if is_float else first.dtype
         out = OutTensor(tname, out_code, tuple(shape))
-        numel = math.prod(first.shape)
-        work_size = torch.empty((), dtype=work_dtype).element_size()
-        in_bytes = sum(
-            e.nbytes + (numel * work_size if e.dtype != CODE_OF[work_dtype] else 0) for e in entries.values()
-        )
-        est = in_bytes + (len(steps) + 1) * numel * max(work_size, DTYPES[out_code][1]) + (8 << 20)
+        sizes = [DTYPES[e.dtype][1] for e in entries.values()]
+        est = _live_bytes(steps, math.prod(first.shape), sizes, work_dtype, DTYPES[out_code][1])
         leaves = list(used_models) if is_float else [config_source]
         kind: Literal["merge", "copy"] = "merge" if is_float else "copy"
         tensors.append(TensorPlan(len(tensors), tname, kind, out, leaves, vocab, params, est))
@@ -350,6 +346,28 @@ def build_plan(stage: MergeStage, storage_of: Callable[[str], Storage] | None = 
         last_use=last_use,
         vocab_rows=vocab_rows,
     )
+
+
+#: Chunk scratch of one method call (a few float32 chunks per input), on top of the tensors.
+SCRATCH_BYTES = 4 << 20
+
+
+def _live_bytes(
+    steps: list[StepPlan], numel: int, in_sizes: list[int], work: torch.dtype, out_size: int
+) -> int:
+    """Peak bytes one output tensor holds while its chain runs: inputs are read when first
+    needed and dropped after their last use (as the engine does), plus the step's output."""
+    work_size = torch.empty((), dtype=work).element_size()
+    per = numel * max(max(in_sizes, default=2), work_size, out_size)
+    live: set[str] = set()
+    last = {x: i for i, s in enumerate(steps) for x in s.inputs}
+    peak = 0
+    for i, s in enumerate(steps):
+        live.update(s.inputs)
+        peak = max(peak, (len(live) + 1) * per)
+        live.add(s.name)
+        live -= {x for x in s.inputs if last[x] == i}
+    return peak + SCRATCH_BYTES
 
 
 def _resolve_params(step: StepPlan, tensor: str, t: float) -> tuple[list[dict[str, float]], dict[str, float]]:

@@ -119,8 +119,7 @@ def write_family(
                     w += 1.0
                 for m in models:
                     x = w if m == base else w + torch.randn(t.shape, generator=gen) * delta_std
-                    data = x.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data
-                    view = memoryview(data)
+                    view = x.to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy().data
                     while view.nbytes:
                         view = view[os.write(fds[m], view) :]
             for m in models:

@@ -57,10 +57,16 @@ def fusion_threshold(flat_scores: Tensor) -> Tensor:
 
 
 def arcee_fusion(
-    base: Tensor, other: Tensor, *, key: int = 0, out_dtype: torch.dtype | None = None
+    base: Tensor,
+    other: Tensor,
+    *,
+    key: int = 0,
+    out_dtype: torch.dtype | None = None,
+    stats: dict[str, float] | None = None,
 ) -> Tensor:
     """Fuse ``other`` into ``base`` (same shape and dtype); see the module docstring.
-    Returns the fused tensor in ``out_dtype`` (default: the inputs' dtype)."""
+    Returns the fused tensor in ``out_dtype`` (default: the inputs' dtype); adds the number
+    of elements selected from ``other`` to ``stats["fused"]`` when given."""
     if base.shape != other.shape or base.dtype != other.dtype:
         raise ValueError(
             f"arcee_fusion: inputs differ ({base.shape}/{base.dtype} vs {other.shape}/{other.dtype})"
@@ -83,23 +89,25 @@ def arcee_fusion(
     else:
         threshold = fusion_threshold(((R - L).abs() * kl).reshape(-1))
     out = torch.empty(L.shape, dtype=out_dtype, device=base.device)
+    fused = 0
     for s in row_chunks(rows, cols):
         diff = R[s] - L[s]
         mask = (diff.abs() * kl[s]) >= threshold
         # mergekit: base + (other - base) * mask.float() -> float32 math, then out_dtype.
         out[s] = (L[s] + diff * mask.to(torch.float32)).to(out_dtype)
+        if stats is not None:
+            fused += int(mask.sum())
+    if stats is not None:
+        stats["fused"] = stats.get("fused", 0) + fused
     return out.reshape(base.shape)
-
-
-def fused_fraction(base: Tensor, fused: Tensor) -> float:
-    """Fraction of elements that differ from the base (taken from the other model)."""
-    return float((base.to(fused.dtype) != fused).sum()) / max(1, base.numel())
 
 
 def _run(call: MergeCall) -> Tensor:
     assert call.base is not None
     other = call.others()[0]
-    return arcee_fusion(call.tensors[call.base], call.tensors[other], key=call.key, out_dtype=call.out_dtype)
+    return arcee_fusion(
+        call.tensors[call.base], call.tensors[other], key=call.key, out_dtype=call.out_dtype, stats=call.stats
+    )
 
 
 SPEC = MethodSpec(

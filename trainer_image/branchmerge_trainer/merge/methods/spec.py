@@ -57,6 +57,7 @@ class MergeCall:
     shared: Mapping[str, float]
     key: int  # RNG key for (stage seed, step, tensor); inputs derive their own
     out_dtype: torch.dtype
+    stats: dict[str, float] = field(default_factory=dict)  # diagnostics a method may add to
 
     def others(self) -> list[int]:
         return [i for i in range(len(self.tensors)) if i != self.base]
