@@ -16,6 +16,7 @@ import shutil
 import ssl
 import subprocess
 import tempfile
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from .procs import PORT_RACE, Daemon, free_port, rss_mib, run, stop_all, wait_fo
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
+
+    from .kubelet import ProcessKubelet
 
 K8S_VERSION = "v1.20.2"
 CACHE = Path(os.environ.get("BRANCHMERGE_CACHE", Path.home() / ".cache" / "branchmerge"))
@@ -97,7 +100,7 @@ class Cluster:
     workdir: Path
     #: PIDs of etcd, kube-apiserver, kube-controller-manager, kube-scheduler (for RSS figures).
     pids: dict[str, int] = field(default_factory=dict)
-    kubelet: Any = None  # the ProcessKubelet of the default node, once started
+    kubelet: ProcessKubelet | None = None  # the default node, once started
 
     def configuration(self) -> Any:
         """A ``kubernetes.client.Configuration`` for this cluster (admin token, verified TLS)."""
@@ -117,6 +120,38 @@ class Cluster:
         from kubernetes import client
 
         return client.ApiClient(self.configuration())
+
+    def service_account_token(self, namespace: str, name: str = "default", timeout: float = 30) -> str:
+        """The token of a ServiceAccount (its auto-created token Secret), to act as it in RBAC tests."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sa = self.get(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}")
+            for ref in sa.get("secrets") or []:
+                secret = self.get(f"/api/v1/namespaces/{namespace}/secrets/{ref['name']}")
+                token = (secret.get("data") or {}).get("token")
+                if token:
+                    return base64.b64decode(token).decode()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no token Secret for ServiceAccount {namespace}/{name}")
+            time.sleep(0.1)
+
+    def kubeconfig_for(self, namespace: str, service_account: str = "default") -> Path:
+        """A kubeconfig that authenticates as a ServiceAccount (e.g. to run the operator with its own RBAC)."""
+        path = self.workdir / f"kubeconfig-{namespace}-{service_account}"
+        token = self.service_account_token(namespace, service_account)
+        _write_kubeconfig(
+            path, self.server, self.ca, token, user=f"{namespace}-{service_account}", namespace=namespace
+        )
+        return path
+
+    def api_client_as(self, namespace: str, service_account: str = "default") -> ApiClient:
+        """An ApiClient authenticated as a ServiceAccount."""
+        from kubernetes import client
+
+        cfg = self.configuration()
+        token = self.service_account_token(namespace, service_account)
+        cfg.api_key = {"BearerToken": token, "authorization": token}
+        return client.ApiClient(cfg)
 
     def env(self) -> dict[str, str]:
         """Environment for tools and subprocesses (kubectl, helm, kopf, the operator CLI)."""
@@ -188,7 +223,9 @@ class Cluster:
         }
 
 
-def _write_kubeconfig(path: Path, server: str, ca: Path, token: str, user: str = "admin") -> None:
+def _write_kubeconfig(
+    path: Path, server: str, ca: Path, token: str, user: str = "admin", namespace: str | None = None
+) -> None:
     ca_data = base64.b64encode(ca.read_bytes()).decode()
     cfg = {
         "apiVersion": "v1",
@@ -197,7 +234,16 @@ def _write_kubeconfig(path: Path, server: str, ca: Path, token: str, user: str =
             {"name": "branchmerge-test", "cluster": {"server": server, "certificate-authority-data": ca_data}}
         ],
         "users": [{"name": user, "user": {"token": token}}],
-        "contexts": [{"name": "branchmerge-test", "context": {"cluster": "branchmerge-test", "user": user}}],
+        "contexts": [
+            {
+                "name": "branchmerge-test",
+                "context": {
+                    "cluster": "branchmerge-test",
+                    "user": user,
+                    **({"namespace": namespace} if namespace else {}),
+                },
+            }
+        ],
         "current-context": "branchmerge-test",
     }
     path.write_text(json.dumps(cfg, indent=2))  # JSON is valid YAML; kubectl reads it

@@ -236,7 +236,7 @@ class _PodWorker(threading.Thread):
             self.dir,
             self.kl.lookup,
             self.kl.raw_lookup,
-            self.kl.workdir / "pvc",
+            self.kl.pvc_dir,
             PathMap.of(all_mounts),
         )
         for c in self.init_containers + self.containers:
@@ -722,6 +722,24 @@ class ProcessKubelet:
             if e.status == 404:
                 return None
             raise
+
+    def pvc_dir(self, ns: str, claim: str) -> Path:
+        """Where a PVC's data lives: its bound PV's ``hostPath``/``local`` path, else a directory per claim."""
+        from kubernetes.client.exceptions import ApiException
+
+        d = self.workdir / "pvc" / ns / claim
+        try:
+            pvc = self.core.read_namespaced_persistent_volume_claim(claim, ns)
+            if pvc.spec.volume_name:
+                pv = self.core.read_persistent_volume(pvc.spec.volume_name).spec
+                src = pv.host_path or pv.local
+                if src is not None:
+                    d = Path(src.path)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        d.mkdir(parents=True, exist_ok=True)
+        return d
 
     def raw_lookup(self, kind: str, ns: str, name: str) -> dict[str, bytes] | None:
         from kubernetes.client.exceptions import ApiException

@@ -246,15 +246,15 @@ def materialize_volumes(
     pod_dir: Path,
     lookup: Lookup,
     raw_lookup: Callable[[str, str, str], dict[str, bytes] | None],
-    pvc_root: Path,
+    pvc_dir: Callable[[str, str], Path],
     paths: PathMap,
 ) -> dict[str, Path]:
     """Create each volume of the pod as a local directory and return name -> directory.
 
     emptyDir: an empty directory; configMap/secret/downwardAPI/projected: files with the
     data (ConfigMap and downward-API text is path-rewritten, Secrets are written verbatim);
-    hostPath: the host path itself; persistentVolumeClaim: a directory per claim, shared by
-    all pods of the namespace; anything else: an empty directory.
+    hostPath: the host path itself; persistentVolumeClaim: ``pvc_dir(namespace, claim)``
+    (the bound PV's path, see the kubelet); anything else: an empty directory.
     """
     ns = pod["metadata"]["namespace"]
     out: dict[str, Path] = {}
@@ -266,7 +266,7 @@ def materialize_volumes(
             if vol["hostPath"].get("type") in ("DirectoryOrCreate", None, ""):
                 d.mkdir(parents=True, exist_ok=True)
         elif "persistentVolumeClaim" in vol:
-            d = pvc_root / ns / vol["persistentVolumeClaim"]["claimName"]
+            d = pvc_dir(ns, vol["persistentVolumeClaim"]["claimName"])
             d.mkdir(parents=True, exist_ok=True)
         elif "configMap" in vol or "secret" in vol:
             kind, src = ("ConfigMap", vol["configMap"]) if "configMap" in vol else ("Secret", vol["secret"])

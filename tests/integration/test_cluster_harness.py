@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 
 from tests.cluster import Cluster, S3Credentials, S3Server
 from tests.cluster.controlplane import HarnessNotBuilt, require_binaries
+from tests.cluster.controlplane import tools_dir as cluster_tools
 from tests.cluster.podspec import PathMap, expand
 from tests.cluster.procs import is_running
 
@@ -549,3 +550,139 @@ def test_pod_gets_s3_credentials_from_secret(
         lambda: cluster.dump(namespace),
     )
     assert s3.client().get_object(Bucket=s3_bucket, Key="from-pod")["Body"].read() == b"written by a pod"
+
+
+@pytest.mark.cluster
+def test_rbac_is_enforced_for_service_accounts(cluster: Cluster, k8s_api: Any, namespace: str) -> None:
+    rbac = client.RbacAuthorizationV1Api(k8s_api)
+    with cluster.api_client_as(namespace, "default") as api:
+        with pytest.raises(ApiException) as e:
+            client.CoreV1Api(api).list_namespaced_pod(namespace)
+        assert e.value.status == 403
+        rbac.create_namespaced_role(
+            namespace,
+            {
+                "metadata": {"name": "pod-reader"},
+                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
+            },
+        )
+        rbac.create_namespaced_role_binding(
+            namespace,
+            {
+                "metadata": {"name": "pod-reader"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
+                "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": namespace}],
+            },
+        )
+        wait(
+            "RBAC grant effective",
+            lambda: client.CoreV1Api(api).list_namespaced_pod(namespace) is not None,
+            10,
+        )
+        with pytest.raises(ApiException) as e:
+            client.CoreV1Api(api).create_namespaced_pod(namespace, pod_manifest("nope", ["true"]))
+        assert e.value.status == 403
+    kubeconfig = cluster.kubeconfig_for(namespace)
+    out = subprocess.run(
+        [str(cluster_tools() / "kubectl"), f"--kubeconfig={kubeconfig}", "auth", "can-i", "create", "pods"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.strip() == "no"
+
+
+@pytest.mark.cluster
+def test_kubectl_server_dry_run_and_helm(cluster: Cluster, namespace: str) -> None:
+    cm = json.dumps(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "dry"}, "data": {"a": "b"}}
+    )
+    out = cluster.kubectl("-n", namespace, "apply", "--dry-run=server", "-f", "-", input=cm)
+    assert "configmap/dry created (server dry run)" in out
+    assert cluster.kubectl("-n", namespace, "get", "configmaps", "-o", "name").count("configmap/dry") == 0
+    assert cluster.helm("list", "-n", namespace, "-q").strip() == ""
+    assert "v4." in cluster.helm("version", "--short")
+
+
+@pytest.mark.cluster
+def test_kill_records_reason_and_node_loss_can_delete_pods(
+    k8s_api: Any, namespace: str, node_factory: Callable[..., Any]
+) -> None:
+    core = client.CoreV1Api(k8s_api)
+    node = node_factory("node-doomed", gpus=0, labels={"doomed": "yes"})
+    sel = {"doomed": "yes"}
+    core.create_namespaced_pod(namespace, pod_manifest("oom", ["sleep", "300"], nodeSelector=sel))
+    core.create_namespaced_pod(namespace, pod_manifest("lost", ["sleep", "300"], nodeSelector=sel))
+    for name in ("oom", "lost"):
+        wait(
+            f"{name} Running",
+            lambda n=name: core.read_namespaced_pod(n, namespace).status.phase == "Running",
+            30,
+        )
+
+    node.kill(namespace, "oom", reason="OOMKilled")
+    pod = wait(
+        "oom Failed",
+        lambda: p if (p := core.read_namespaced_pod("oom", namespace)).status.phase == "Failed" else None,
+        30,
+    )
+    term = pod.status.container_statuses[0].state.terminated
+    assert (term.exit_code, term.reason, term.signal) == (137, "OOMKilled", 9)
+
+    node.fail_node(pods="delete")
+
+    def lost_gone() -> bool:
+        try:
+            core.read_namespaced_pod("lost", namespace)
+        except ApiException as e:
+            return e.status == 404
+        return False
+
+    wait("pod on the lost node deleted", lost_gone, 30)
+
+
+@pytest.mark.cluster
+def test_pvc_bound_to_hostpath_pv_is_shared_storage(
+    cluster: Cluster, k8s_api: Any, namespace: str, tmp_path: Path
+) -> None:
+    core = client.CoreV1Api(k8s_api)
+    pv_name = f"pv-{namespace}"
+    core.create_persistent_volume(
+        {
+            "metadata": {"name": pv_name},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "hostPath": {"path": str(tmp_path / "pv")},
+                "storageClassName": "manual",
+                "claimRef": {"namespace": namespace, "name": "data"},
+            },
+        }
+    )
+    try:
+        core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "metadata": {"name": "data"},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "manual",
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        )
+        pod = pod_manifest(
+            "writer",
+            ["sh", "-c", "echo persisted > /data/file"],
+            container={"volumeMounts": [{"name": "d", "mountPath": "/data"}]},
+            volumes=[{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}],
+        )
+        core.create_namespaced_pod(namespace, pod)
+        wait(
+            "writer Succeeded",
+            lambda: core.read_namespaced_pod("writer", namespace).status.phase == "Succeeded",
+            60,
+            lambda: cluster.dump(namespace),
+        )
+        assert (tmp_path / "pv" / "file").read_text().strip() == "persisted"
+    finally:
+        core.delete_persistent_volume(pv_name)
