@@ -136,6 +136,12 @@ fetch_tools() {
 }
 
 mkdir -p "$CACHE"
+# Several people share this machine: one build at a time (a second caller waits, then reuses it).
+exec 9>"$CACHE/.build.lock"
+if command -v flock >/dev/null && ! flock -n 9; then
+  log "another build.sh holds $CACHE/.build.lock; waiting"
+  flock 9
+fi
 T0=$SECONDS
 ensure_pkgs etcd-server openssl
 if [[ "${BRANCHMERGE_NO_CEPH:-0}" != 1 ]]; then

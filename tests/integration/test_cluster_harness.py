@@ -592,7 +592,13 @@ def test_rbac_is_enforced_for_service_accounts(cluster: Cluster, k8s_api: Any, n
 
 
 @pytest.mark.cluster
-def test_kubectl_server_dry_run_and_helm(cluster: Cluster, namespace: str) -> None:
+def test_kubeconfig_serves_kubectl_helm_and_python_client(cluster: Cluster, namespace: str) -> None:
+    from kubernetes import config
+
+    api = config.new_client_from_config(config_file=str(cluster.kubeconfig))  # what kopf's client login uses
+    with api:
+        names = [n.metadata.name for n in client.CoreV1Api(api).list_namespace().items]
+    assert namespace in names
     cm = json.dumps(
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "dry"}, "data": {"a": "b"}}
     )
