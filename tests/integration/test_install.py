@@ -336,11 +336,6 @@ def test_operator_runs_under_the_installed_rbac(
     docs = overlay_in(tmp_path, overlay, namespace, prefix)
     cluster.kubectl("apply", "-f", "-", input=docs)
     sa = f"{prefix}branchmerge-operator"
-    token = cluster.kubectl("create", "token", sa, "-n", namespace).strip()
-    kubeconfig = json.loads(cluster.kubeconfig.read_text())
-    kubeconfig["users"][0]["user"] = {"token": token}
-    (tmp_path / "sa.kubeconfig").write_text(json.dumps(kubeconfig))
-
     deployment = next(d for d in yaml.safe_load_all(docs) if d and d["kind"] == "Deployment")
     args = [
         a.replace("$(POD_NAMESPACE)", namespace)
@@ -349,7 +344,7 @@ def test_operator_runs_under_the_installed_rbac(
     args = [a for a in args if not a.startswith(("--liveness", "--metrics-port"))]  # no ports needed here
     log_path = tmp_path / "operator.log"
     env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
-    env["KUBECONFIG"] = str(tmp_path / "sa.kubeconfig")
+    env["KUBECONFIG"] = str(cluster.kubeconfig_for(namespace, sa))
     exe = Path(sys.executable).with_name("branchmerge")
     with log_path.open("w") as log:
         operator = subprocess.Popen(
