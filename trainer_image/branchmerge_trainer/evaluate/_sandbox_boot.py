@@ -53,6 +53,8 @@ LL_IOCTL_DEV = 1 << 15
 _PROCESS_EVENTS = frozenset(
     {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system", "subprocess.Popen", "pty.spawn"}
 )
+#: Ways to reach this hook's function object (to rewrite it) from the program.
+_INTROSPECTION_EVENTS = frozenset({"gc.get_objects", "gc.get_referrers", "gc.get_referents"})
 _PATH_EVENTS = frozenset(
     {
         "os.remove",
@@ -223,8 +225,10 @@ def install_audit_hook(workdir: str, allow_processes: bool) -> None:
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
-        if event.startswith(("socket.", "ctypes.")):
+        if event.startswith(("socket.", "ctypes.")) or event in _INTROSPECTION_EVENTS:
             raise PermissionError(f"{event} is not allowed in the sandbox")
+        if event == "object.__setattr__" and len(args) >= 2 and args[1] in {"__code__", "__closure__", "__globals__"}:
+            raise PermissionError("rewriting functions is not allowed in the sandbox")  # e.g. this hook
         if event == "open" and len(args) >= 3:
             path, mode, flags = args[0], args[1], args[2]
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
@@ -255,7 +259,14 @@ def main() -> None:
         become_reaped(libc)
     dropped = drop_privileges(policy)
     abi = landlock(libc, policy) if policy["landlock"] else 0
-    report = {"netns": network, "pidns": pid, "uid_dropped": dropped, "landlock_abi": abi, "uid": os.getuid()}
+    report = {
+        "netns": network,
+        "pidns": pid,
+        "uid_dropped": dropped,
+        "landlock_abi": abi,
+        "uid": os.getuid(),
+        "audit_hook": bool(policy.get("audit_hook", True)),
+    }
     fd = policy.get("report_fd")
     if isinstance(fd, int):
         try:
@@ -266,7 +277,8 @@ def main() -> None:
     workdir = policy["workdir"]
     os.chdir(workdir)
     os.umask(0o077)
-    install_audit_hook(workdir, allow_processes=pid)
+    if policy.get("audit_hook", True):
+        install_audit_hook(workdir, allow_processes=pid)
 
     module = type(sys)("__main__")
     module.__dict__["__builtins__"] = __builtins__

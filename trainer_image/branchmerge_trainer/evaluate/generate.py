@@ -316,7 +316,10 @@ class ContinuousBatchingGenerator(Generator):
         max_batch: int = 32,
         logits_hook: LogitsHook | None = None,
         max_context: int | None = None,
+        headroom: int = 256,
     ) -> None:
+        """``headroom``: K/V columns allocated beyond the first prompts; the cache grows
+        (doubling) or compacts when it runs out, so this only trades memory for copies."""
         check_supported(model)
         self.model = model.eval()
         self.inner = model.model
@@ -324,6 +327,7 @@ class ContinuousBatchingGenerator(Generator):
         self.pad = pad_token_id
         self.max_batch = max_batch
         self.hook = logits_hook
+        self.headroom = max(1, headroom)
         config = model.config
         self.max_context = max_context or int(getattr(config, "max_position_embeddings", 1 << 30))
         attn = self.inner.layers[0].self_attn
@@ -379,7 +383,7 @@ class ContinuousBatchingGenerator(Generator):
         first_width = max(len(requests[i].prompt_ids) for i in list(queue)[: len(slots)])
         cache = _SlotCache(
             len(self.inner.layers), len(slots), self.kv_heads, self.head_dim,
-            min(max_capacity, first_width + 256), torch.empty(0, dtype=self.dtype, device=self.device),
+            min(max_capacity, first_width + self.headroom), torch.empty(0, dtype=self.dtype, device=self.device),
         )  # fmt: skip
 
         def done(row: _Row, reason: Literal["stop", "length"]) -> None:

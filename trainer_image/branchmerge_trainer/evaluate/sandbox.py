@@ -75,6 +75,7 @@ class _Policy:
     gid: int | None
     namespaces: bool
     landlock: bool
+    audit_hook: bool = True  # tests turn it off to check the kernel layers on their own
 
 
 _policy_lock = threading.Lock()
@@ -173,6 +174,7 @@ def _run(policy: _Policy, source: str, stdin: str, limits: SandboxLimits) -> Run
             "gid": policy.gid,
             "namespaces": policy.namespaces,
             "landlock": policy.landlock,
+            "audit_hook": policy.audit_hook,
             "cpu_seconds": max(1, math.ceil(cpu)),
             "memory_bytes": limits.memory_bytes,
             "file_bytes": limits.max_file_bytes,

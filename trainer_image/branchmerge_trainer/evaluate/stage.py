@@ -201,10 +201,10 @@ def run(stage: EvalStage, ctx: StageContext) -> StageResult:
         model_summary: dict[str, Any] = {"uri": ref.uri, "backend": loaded.generator.name, "benchmarks": {}}
         try:
             for bench in benchmarks:
-                result = evaluate_benchmark(loaded, bench, tracker)
-                generated_tokens += result.generated_tokens
-                _write_jsonl(out_dir / "records" / slug / f"{bench.name}.jsonl", result.records)
-                s = result.summary
+                bench_run = evaluate_benchmark(loaded, bench, tracker)
+                generated_tokens += bench_run.generated_tokens
+                _write_jsonl(out_dir / "records" / slug / f"{bench.name}.jsonl", bench_run.records)
+                s = bench_run.summary
                 scores.append(
                     Score(
                         model=display,
@@ -227,8 +227,8 @@ def run(stage: EvalStage, ctx: StageContext) -> StageResult:
                     "samples_per_problem": s.samples_per_problem,
                     "mean_response_tokens": s.mean_response_tokens,
                     "truncated_fraction": s.truncated_fraction,
-                    "seconds": round(result.seconds, 2),
-                    "generated_tokens": result.generated_tokens,
+                    "seconds": round(bench_run.seconds, 2),
+                    "generated_tokens": bench_run.generated_tokens,
                     "settings": bench.config.dump(),
                 }
                 log.info("eval: %s on %s: pass@1 %.4f (%d samples)", display, bench.name, s.pass_at_1, s.samples)
