@@ -38,7 +38,11 @@ COMMANDS: dict[str, Command] = {}
 
 #: Modules that register more subcommands when imported (e.g. `run`, `status`, `demo`,
 #: `operator`); a missing module is skipped so a partial install still works.
-COMMAND_MODULES: tuple[str, ...] = ("branchmerge_operator.operator_main",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "branchmerge_operator.operator_main",
+    "branchmerge_operator.local_cli",
+    "branchmerge_operator.demo_cli",
+)
 
 
 def command(name: str, help: str, configure: Configure) -> Callable[[Run], Run]:
