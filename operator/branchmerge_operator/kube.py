@@ -223,7 +223,7 @@ class KubeClient:
         attempt = 0
         while True:
             session = await self._get_session()
-            headers = {"Accept": "text/plain" if text else "application/json", **self.endpoint.headers()}
+            headers = {"Accept": "*/*" if text else "application/json", **self.endpoint.headers()}
             if data is not None:
                 headers["Content-Type"] = content_type
             try:
