@@ -192,7 +192,7 @@ class RunView:
             return
         now = time.monotonic()
         for s in record.stages:
-            if self._states.get(s.name) != s.state:
+            if self._states.get(s.name, "pending") != s.state:
                 self._states[s.name] = s.state
                 icon, _ = _STYLE[s.state]
                 extra = f" ({s.reason})" if s.reason and s.state not in {"failed"} else ""
