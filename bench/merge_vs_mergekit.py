@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-
 from branchmerge_trainer.merge.synthetic import qwen2_config, write_family
 from branchmerge_trainer.tiny import build_tokenizer, sample_corpus
+from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = [str(REPO / ".venv/bin/branchmerge-train"), "merge"]
@@ -82,10 +81,14 @@ def build(root: Path, layers: int) -> dict[str, Path]:
     build_tokenizer(sample_corpus()).save_pretrained(tok_dir)
     extra = {p.name: p.read_bytes() for p in tok_dir.iterdir() if p.is_file()}
     shutil.rmtree(tok_dir)
-    return write_family(root, ["math", "science", "code"], cfg, base="base", delta_std=1e-3, extra_files=extra)
+    return write_family(
+        root, ["math", "science", "code"], cfg, base="base", delta_std=1e-3, extra_files=extra
+    )
 
 
-def ours_config(name: str, models: dict[str, Path], steps: list[dict[str, Any]], out: Path, tok: str) -> dict[str, Any]:
+def ours_config(
+    name: str, models: dict[str, Path], steps: list[dict[str, Any]], out: Path, tok: str
+) -> dict[str, Any]:
     return {
         "kind": "Merge", "name": name, "fingerprint": f"{name}-{time.time_ns()}", "output": str(out),
         "resultPath": str(out.parent / f"{out.name}.result.json"),
@@ -186,6 +189,7 @@ def weights(d: Path) -> list[Path]:
 def compare_arcee(ours: Path, theirs: Path, base: Path) -> tuple[int, int, float, int]:
     """(exact small tensors, small tensors, max |fused fraction diff| in pp over large ones,
     large tensors)."""
+
     def open_all(d: Path) -> dict[str, Any]:
         handles: dict[str, Any] = {}
         for f in weights(d):
@@ -198,7 +202,11 @@ def compare_arcee(ours: Path, theirs: Path, base: Path) -> tuple[int, int, float
     exact = small = large = 0
     worst = 0.0
     for name in sorted(c):
-        x, y, z = a[name].get_tensor(name), b[name].get_tensor(name), c[name].get_tensor(name).to(torch.bfloat16)
+        x, y, z = (
+            a[name].get_tensor(name),
+            b[name].get_tensor(name),
+            c[name].get_tensor(name).to(torch.bfloat16),
+        )
         y = y.to(x.dtype)
         if x.numel() <= SAMPLE_LIMIT:
             small += 1
@@ -241,7 +249,10 @@ def main() -> None:
                     shutil.rmtree(d)
             a_runs.append(run_ours(name, spec, models, out_a, work))
             b_runs.append(run_mergekit(name, docs, args.mergekit, out_b, work))
-            print(f"  {name} rep {rep}: ours {a_runs[-1].wall:.1f} s, mergekit {b_runs[-1].wall:.1f} s", flush=True)
+            print(
+                f"  {name} rep {rep}: ours {a_runs[-1].wall:.1f} s, mergekit {b_runs[-1].wall:.1f} s",
+                flush=True,
+            )
         inputs = sorted({x for s in spec["steps"] for x in [s.get("base")] + [e["model"] for e in s["models"]]
                          if x in models})  # fmt: skip
         in_files = [f for k in inputs for f in weights(models[k])]
@@ -261,7 +272,7 @@ def main() -> None:
           "| ours rchar/wchar GB | mergekit rchar/wchar GB | I/O bound s | ours / bound |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     lines = []
-    for name, ma, mb, ra, rb, a, b, bound, rbw, wbw in table:
+    for name, ma, mb, ra, rb, a, b, bound, _rbw, _wbw in table:
         print(f"| {name} | {ma:.1f} | {mb:.1f} | {mb / ma:.2f}x | {ra:.0f} | {rb:.0f} | {ra / rb:.2f} "
               f"| {a.rchar / 1e9:.2f}/{a.wchar / 1e9:.2f} | {b.rchar / 1e9:.2f}/{b.wchar / 1e9:.2f} "
               f"| {bound:.2f} | {ma / bound:.1f}x |")  # fmt: skip

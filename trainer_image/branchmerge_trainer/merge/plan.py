@@ -210,7 +210,17 @@ def _vocab_size(config: Mapping[str, Any]) -> int | None:
 
 
 def build_plan(stage: MergeStage, storage_of: Callable[[str], Storage] | None = None) -> MergePlan:
-    """Validate ``stage`` against its inputs' metadata and plan every output tensor."""
+    """Validate ``stage`` against its inputs' metadata and plan every output tensor; every
+    problem is a StageInputError (or a storage error) naming what to fix."""
+    try:
+        return _build_plan(stage, storage_of)
+    except StageInputError:
+        raise
+    except ValueError as e:  # parameter checks and the like: still bad input
+        raise StageInputError(str(e)) from None
+
+
+def _build_plan(stage: MergeStage, storage_of: Callable[[str], Storage] | None) -> MergePlan:
     cache: dict[str, Storage] = {}
 
     def default_storage(uri: str, cfg: StorageConfig = stage.storage) -> Storage:

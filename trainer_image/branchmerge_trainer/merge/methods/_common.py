@@ -8,7 +8,8 @@ copies of the tensor. Every helper is deterministic and gives the same bits on C
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -70,16 +71,17 @@ def splitmix64(counter: Tensor, key: int) -> Tensor:
     return x ^ _shr(x, 31)
 
 
+def uniform_below(key: int, span: slice, p: float, device: torch.device) -> Tensor:
+    """Bernoulli(p) draws for the elements ``span`` of the stream ``key`` (the same draws as
+    ``uniform(...) < p``, compared on the integers)."""
+    counter = torch.arange(span.start, span.stop, dtype=torch.int64, device=device)
+    return _shr(splitmix64(counter, key), 11) < math.ceil(p * (1 << 53))
+
+
 def uniform(key: int, span: slice, device: torch.device) -> Tensor:
     """Uniform float64 in [0, 1) for the elements ``span`` of the stream ``key``."""
     counter = torch.arange(span.start, span.stop, dtype=torch.int64, device=device)
     return _shr(splitmix64(counter, key), 11).to(torch.float64) * (1.0 / (1 << 53))
-
-
-def sample_indices(key: int, count: int, numel: int, device: torch.device) -> Tensor:
-    """``count`` indices drawn uniformly (with replacement) from ``range(numel)``."""
-    counter = torch.arange(count, dtype=torch.int64, device=device)
-    return _shr(splitmix64(counter, key), 1) % numel
 
 
 class TopKMask:
@@ -105,25 +107,16 @@ class TopKMask:
         self._equal_seen = 0
 
     def __call__(self, chunk: Tensor) -> Tensor:
-        """Mask for the next chunk."""
+        """0/1 mask (in the chunk's dtype) for the next chunk."""
         if self.keep_all:
-            return torch.ones_like(chunk, dtype=torch.bool)
+            return torch.ones_like(chunk)
         if self.keep_none or self.threshold is None:
-            return torch.zeros_like(chunk, dtype=torch.bool)
-        thr = self.threshold.to(chunk.device)
-        above = chunk > thr
-        if self._equal_quota <= self._equal_seen:
-            return above
-        equal = chunk == thr
-        rank = torch.cumsum(equal.reshape(-1), 0).reshape(equal.shape) + self._equal_seen
-        self._equal_seen += int(equal.sum())
-        return above | (equal & (rank <= self._equal_quota))
-
-
-def weighted_sign_consensus(deltas: Sequence[Tensor]) -> list[Tensor]:
-    """TIES sign election: one sign per element from the sum of the (already weighted)
-    deltas (zero counts as positive); a delta agrees when its sign equals it (zeros never
-    agree). Returns one boolean mask per delta."""
-    total = torch.stack(list(deltas)).sum(0)
-    majority = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
-    return [torch.sign(d) == majority for d in deltas]
+            return torch.zeros_like(chunk)
+        thr = float(self.threshold)  # exact for float32/float64; a scalar avoids a slow broadcast
+        keep = (chunk - thr).sign_().clamp_(min=0)  # 1 where above the threshold
+        if self._equal_quota > self._equal_seen:
+            equal = chunk == thr
+            rank = torch.cumsum(equal.reshape(-1), 0).reshape(equal.shape) + self._equal_seen
+            self._equal_seen += int(equal.sum())
+            keep += (equal & (rank <= self._equal_quota)).to(chunk.dtype)
+        return keep

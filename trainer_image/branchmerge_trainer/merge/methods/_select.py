@@ -26,7 +26,8 @@ def _keys(x: Tensor) -> Tensor:
     if itype != torch.int32:
         b = b.to(torch.int32)
     sign_fill = (b >> 31) & 0x7FFFFFFF if itype == torch.int32 else (b >> 15) & 0x7FFF
-    return b ^ sign_fill
+    key = b ^ sign_fill
+    return key + (key == -1)  # -0.0 maps to -1: give it +0.0's key, they are equal values
 
 
 def _value(key: int, dtype: torch.dtype) -> Tensor:

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._common import TopKMask, compute_dtype, flat_chunks, seed_key, uniform, weighted_sign_consensus
+from ._common import TopKMask, compute_dtype, flat_chunks, seed_key, uniform_below
 from .spec import ParamSpec
 
 Sparsify = Literal["magnitude", "random"] | None
@@ -57,7 +57,7 @@ def combine(
         if sparsify is None or density >= 1:
             pass
         elif density <= 0:
-            mask = lambda i, s, d: torch.zeros_like(d, dtype=torch.bool)  # noqa: E731
+            mask = lambda i, s, d: torch.zeros_like(d)  # noqa: E731
         elif sparsify == "magnitude":
             k = max(1, int(density * numel))
 
@@ -65,10 +65,10 @@ def combine(
                 return (delta(i, s).abs_() for s in spans)
 
             topk = TopKMask(magnitudes, numel, k)
-            mask = lambda i, s, d, topk=topk: topk(d.abs())  # noqa: E731
+            mask = lambda i, s, d, topk=topk: topk(d.abs())  # noqa: E731  (float 0/1)
         else:
             stream = seed_key(key, "dare", i)
-            mask = lambda i, s, d, stream=stream, p=density: uniform(stream, s, d.device) < p  # noqa: E731
+            mask = lambda i, s, d, stream=stream, p=density: uniform_below(stream, s, p, d.device).to(d.dtype)  # noqa: E731
         masks.append(mask)
         topks.append(topk)
 
@@ -81,7 +81,7 @@ def combine(
             for s in spans:
                 d = delta(i, s)
                 before += float(d.abs().sum(dtype=torch.float64))
-                after += float(torch.where(mask(i, s, d), d.abs(), 0).sum(dtype=torch.float64))
+                after += float((d.abs() * mask(i, s, d)).sum(dtype=torch.float64))
             if before >= RESCALE_EPS and after >= RESCALE_EPS:
                 scales[i] = before / after
             topk = topks[i]
@@ -91,27 +91,36 @@ def combine(
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     out_flat = out.reshape(-1)
     weight_sum = float(sum(weights))
+    # In-place accumulation with explicit casts: torch.stack/where/mixed-dtype ops cost
+    # several times more per element on CPU than add_/addcmul_ on one dtype.
     for s in spans:
         b = b_flat[s].to(dtype)
         ds = []
         for i, mask in enumerate(masks):
             d = flats[i][s].to(dtype) - b
             if mask is not None:
-                d = torch.where(mask(i, s, d), d, 0)
-            ds.append(d * (scales[i] * weights[i]))
+                d.mul_(mask(i, s, d))
+            ds.append(d.mul_(scales[i] * weights[i]))
+        mixed = torch.zeros_like(b)
         if consensus:
-            agree = weighted_sign_consensus(ds)
-            mixed = torch.stack([d * a for d, a in zip(ds, agree, strict=True)]).sum(0)
-            if normalize:
-                divisor = torch.stack([a.to(dtype) * w for a, w in zip(agree, weights, strict=True)]).sum(0)
-                mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
+            total = ds[0].clone()
+            for d in ds[1:]:
+                total.add_(d)
+            elected = (total >= 0).to(dtype).mul_(2).sub_(1)  # +1 / -1; a zero sum counts as +1
+            divisor = torch.zeros_like(b) if normalize else None
+            for d, w in zip(ds, weights, strict=True):
+                agree = (d * elected).clamp_(min=0).sign_()  # 1 where sign(d) == elected, else 0
+                mixed.addcmul_(d, agree)
+                if divisor is not None:
+                    divisor.add_(agree, alpha=w)
+            if divisor is not None:
+                mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
         else:
-            mixed = torch.stack(ds).sum(0)
+            for d in ds:
+                mixed.add_(d)
             if normalize and abs(weight_sum) >= 1e-8:
-                mixed = mixed / weight_sum
-        if lambda_ != 1:
-            mixed = mixed * lambda_
-        out_flat[s] = b + mixed
+                mixed.div_(weight_sum)
+        out_flat[s] = b.add_(mixed, alpha=lambda_)
     return out
 
 

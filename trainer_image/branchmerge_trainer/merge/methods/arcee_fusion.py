@@ -1,35 +1,38 @@
-"""Arcee Fusion exactly as mergekit's released code computes it (the code that produced
-TinyR1-32B-Preview), except for how the quantile sample is drawn.
+"""Arcee Fusion as mergekit's released code computes it (the code that produced
+TinyR1-32B-Preview), with exact quantiles instead of a random sample.
 
 Per tensor, with L the base (kept) and R the other model, all in the working dtype:
 
     S   = |R - L| * sum_j p_j log(p_j / q_j)    p = softmax(R, -1) + 1e-8, q = softmax(L, -1) + 1e-8
-    thr = median + 1.5 * (q3 - q1)               of S, or of a 1e6-element sample of S
-    out = L + (S >= thr) * (R - L)
+    thr = median + 1.5 * (q3 - q1)               quantiles of S at floor(q * (n - 1))
+    out = L + (S >= thr) * (R - L)               added in float32, then rounded to the output dtype
 
-Quantiles are the order statistics at ``floor(q * (n - 1))``. The working-dtype rounding is
-reproduced op for op, so for tensors of at most 1e6 elements the output equals mergekit's
-bit for bit. Note what that implies: with bfloat16 math, ``R - L`` is rounded before it is
-added back, so a fused element can differ from R by one ulp, exactly as in mergekit; with
-``dtype: float32`` on bf16 checkpoints every element is exactly L's or R's.
+The working-dtype rounding is reproduced op for op, so on every tensor of at most 1e6
+elements the output equals mergekit's bit for bit (as values: a base element of -0.0 may
+stay -0.0 where mergekit writes +0.0). What that implies: with bfloat16 math ``R - L`` is
+rounded before it is added back, so a fused element can differ from R by an ulp, as in
+mergekit; with ``dtype: float32`` on bf16 checkpoints every element is exactly L's or R's.
 
-Differences from mergekit, on purpose: above 1e6 elements the sample comes from a seeded
-counter-based RNG (reproducible, same on CPU and CUDA, no index tensor the size of the
-weight); order statistics use selection instead of a full sort; rows are processed in
-chunks, which leaves every rounding unchanged (all ops are row-wise) but bounds scratch
-memory and keeps the passes in cache.
+Above 1e6 elements mergekit estimates the quantiles from a random sample of 1e6 scores
+(``randperm``/``randint``: unseeded, different on every run) because it sorts them. Here the
+order statistics come from an exact radix selection over all scores, which costs about what
+drawing a sample would and is deterministic without any seed; the fused fraction matches
+mergekit's within its sampling noise. Rows are processed in chunks, which changes no
+rounding (every op is row-wise) but bounds scratch memory and keeps the passes in cache.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 import torch
 from torch import Tensor
 
-from ._common import as_rows, row_chunks, sample_indices, seed_key
+from ._common import as_rows, row_chunks
 from ._select import order_statistics
 from .spec import MergeCall, MethodSpec
 
-#: mergekit's sample size for the quantiles.
+#: Above this many elements mergekit samples its quantiles (we compute them exactly).
 SAMPLE_SIZE = 1_000_000
 EPS = 1e-8
 
@@ -42,17 +45,12 @@ def row_kl(other: Tensor, base: Tensor) -> Tensor:
     return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
-def quantile_stats(flat_scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q1, median, q3 at floor(q * (n - 1)) of the sorted values (0-d tensors)."""
-    n = flat_scores.numel()
+def fusion_threshold(chunks: Callable[[], Iterable[Tensor]], n: int) -> Tensor:
+    """Tukey's upper fence of the ``n`` scores yielded by ``chunks()``, from the order
+    statistics at floor(q * (n - 1)) and rounded in the scores' dtype step by step like
+    mergekit's ``median + 1.5 * (q3 - q1)``."""
     ranks = [(num * (n - 1)) // den for num, den in ((1, 4), (1, 2), (3, 4))]  # exact floor(q * (n - 1))
-    q1, med, q3 = order_statistics(lambda: [flat_scores], ranks)
-    return q1.to(flat_scores.device), med.to(flat_scores.device), q3.to(flat_scores.device)
-
-
-def fusion_threshold(flat_scores: Tensor) -> Tensor:
-    """Tukey's upper fence, rounded in the scores' dtype step by step like mergekit."""
-    q1, med, q3 = quantile_stats(flat_scores)
+    q1, med, q3 = order_statistics(chunks, ranks)
     return med + 1.5 * (q3 - q1)
 
 
@@ -60,7 +58,6 @@ def arcee_fusion(
     base: Tensor,
     other: Tensor,
     *,
-    key: int = 0,
     out_dtype: torch.dtype | None = None,
     stats: dict[str, float] | None = None,
 ) -> Tensor:
@@ -76,25 +73,27 @@ def arcee_fusion(
         return base.to(out_dtype, copy=True)
     L, R = as_rows(base), as_rows(other)
     rows, cols = L.shape
+    spans = list(row_chunks(rows, cols))
     kl = torch.empty((rows, 1), dtype=base.dtype, device=base.device)
-    for s in row_chunks(rows, cols):
-        kl[s] = row_kl(R[s], L[s])
-    numel = base.numel()
-    if numel > SAMPLE_SIZE:
-        idx = sample_indices(seed_key(key, "arcee_fusion.sample"), SAMPLE_SIZE, numel, base.device)
-        r_flat, l_flat = R.reshape(-1), L.reshape(-1)
-        sample = (r_flat[idx] - l_flat[idx]).abs() * kl.reshape(-1)[idx // cols]
-        threshold = fusion_threshold(sample)
-        del idx, sample
-    else:
-        threshold = fusion_threshold(((R - L).abs() * kl).reshape(-1))
+    ready = False
+
+    def scores() -> Iterator[Tensor]:
+        nonlocal ready
+        for s in spans:
+            if not ready:
+                kl[s] = row_kl(R[s], L[s])
+            yield (R[s] - L[s]).abs() * kl[s]
+        ready = True
+
+    threshold = fusion_threshold(scores, base.numel()).to(base.device)
     out = torch.empty(L.shape, dtype=out_dtype, device=base.device)
     fused = 0
-    for s in row_chunks(rows, cols):
+    for s in spans:
         diff = R[s] - L[s]
         mask = (diff.abs() * kl[s]) >= threshold
-        # mergekit: base + (other - base) * mask.float() -> float32 math, then out_dtype.
-        out[s] = (L[s] + diff * mask.to(torch.float32)).to(out_dtype)
+        # mergekit: base + (other - base) * mask.float(), i.e. float32 math, then out_dtype.
+        # Explicit casts: mixed bf16 x float32 ops take a slow, unvectorised path in torch.
+        out[s] = (L[s].float() + diff.float() * mask.float()).to(out_dtype)
         if stats is not None:
             fused += int(mask.sum())
     if stats is not None:
@@ -106,7 +105,7 @@ def _run(call: MergeCall) -> Tensor:
     assert call.base is not None
     other = call.others()[0]
     return arcee_fusion(
-        call.tensors[call.base], call.tensors[other], key=call.key, out_dtype=call.out_dtype, stats=call.stats
+        call.tensors[call.base], call.tensors[other], out_dtype=call.out_dtype, stats=call.stats
     )
 
 
