@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import subprocess
@@ -38,11 +39,7 @@ from typing import Any
 
 ROW = 2048
 HPARAMS = {"lr": 1e-4, "warmup_ratio": 0.1, "betas": (0.9, 0.95), "wd": 0.01, "clip": 1.0, "seed": 42}
-WORDS = (
-    "the of and to in is that for it as with was on be by this are from at or an which have not "
-    "step so then we add multiply divide subtract equals answer check therefore value number sum "
-    "def return print if else for while list dict range len int str x y z n i j k result total"
-).split()
+WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on", "be", "by", "this", "are", "from", "at", "or", "an", "which", "have", "not", "step", "so", "then", "we", "add", "multiply", "divide", "subtract", "equals", "answer", "check", "therefore", "value", "number", "sum", "def", "return", "print", "if", "else", "for", "while", "list", "dict", "range", "len", "int", "str", "x", "y", "z", "n", "i", "j", "k", "result", "total"]
 
 
 # --------------------------------------------------------------------------- data + model
@@ -104,12 +101,11 @@ def matmul_peak(dtype_name: str, seconds: float = 3.0, n: int = 2048) -> float:
 
 def run_ours(model_dir: Path, data: Path, steps: int, precision: str = "bf16") -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from branchmerge_trainer.sft.attention import choose_implementation
     from branchmerge_trainer.sft.data import load_examples, pack_rows, packing_efficiency
     from branchmerge_trainer.sft.train import DistEnv, Trainer, TrainState, seed_everything
     from branchmerge_trainer.stages import DatasetRef, StorageConfig, TrainingConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = TrainingConfig(
         max_steps=steps, learning_rate=HPARAMS["lr"], schedule="constant", warmup_ratio=HPARAMS["warmup_ratio"],
@@ -162,7 +158,7 @@ def trl_worker(spec_path: str) -> None:
     kwargs = dict(
         output_dir=spec["out"], max_steps=spec["steps"], use_cpu=True, report_to=[], logging_steps=1,
         save_strategy="no", learning_rate=HPARAMS["lr"], lr_scheduler_type="constant_with_warmup",
-        warmup_ratio=HPARAMS["warmup_ratio"], adam_beta1=HPARAMS["betas"][0], adam_beta2=HPARAMS["betas"][1],
+        warmup_steps=math.ceil(HPARAMS["warmup_ratio"] * spec["steps"]), adam_beta1=HPARAMS["betas"][0], adam_beta2=HPARAMS["betas"][1],
         weight_decay=HPARAMS["wd"], max_grad_norm=HPARAMS["clip"], seed=HPARAMS["seed"], dataloader_num_workers=0,
         disable_tqdm=True,
     )

@@ -15,7 +15,7 @@ from branchmerge_trainer.runtime import ProgressReporter, StageContext
 from branchmerge_trainer.sft import stage as sft
 from branchmerge_trainer.sft.train import SimulatedCrash
 from branchmerge_trainer.stages import PROGRESS_PREFIX, SFTStage, StorageConfig
-from branchmerge_trainer.storage import S3Storage, join
+from branchmerge_trainer.storage import S3Storage, join, storage_for
 from test_sft_helpers import chats, sft_stage, tiny_model_dir, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,11 +102,15 @@ def test_two_rank_gang_matches_one_process(tmp_path: Path) -> None:
     losses = {}
     for n in (1, 2):
         stage = sft_stage(tmp_path / f"n{n}", str(student), [str(data)], maxSteps=3, microBatchSize=1, packing="none")
-        cfg = _config(stage, tmp_path / f"n{n}.yaml")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
-               "-m", "branchmerge_trainer.cli", "sft", "--config", str(cfg)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path / f"n{n}"), timeout=180, check=False)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        if n == 1:  # in-process: one interpreter start less
+            ctx = StageContext(storage=storage_for(stage.output), workdir=tmp_path / "w1", reporter=ProgressReporter())
+            sft.run(stage, ctx)
+        else:
+            cfg = _config(stage, tmp_path / f"n{n}.yaml")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
+                   "-m", "branchmerge_trainer.cli", "sft", "--config", str(cfg)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path / f"n{n}"), timeout=180, check=False)
+            assert proc.returncode == 0, proc.stderr[-3000:]
         log = json.loads((Path(stage.output.removeprefix("file://")) / "training_log.json").read_text())
         losses[n] = [h["loss"] for h in log["history"]]
     assert losses[2] == pytest.approx(losses[1], abs=1e-5)

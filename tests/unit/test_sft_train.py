@@ -86,9 +86,13 @@ def test_loss_does_not_depend_on_micro_batching_or_packing(setup: tuple[Path, st
     assert runs["mb1"] == pytest.approx(runs["mb4"], abs=1e-5)
 
 
-def test_resume_reproduces_the_uninterrupted_loss_curve(setup: tuple[Path, str, str]) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_reproduces_the_uninterrupted_loss_curve(setup: tuple[Path, str, str], precision: str) -> None:
+    """bf16 on this CPU means bf16 compute with fp32 master weights: those are checkpointed."""
     root, student, data = setup
-    common: dict[str, Any] = {"maxSteps": 6, "checkpointInterval": 2, "schedule": "linear", "microBatchSize": 1}
+    common: dict[str, Any] = {
+        "maxSteps": 6, "checkpointInterval": 2, "schedule": "linear", "microBatchSize": 1, "precision": precision,
+    }
     ref = sft_stage(root / "ref", student, [data], **common)
     sft.run(ref, _ctx(ref, root / "ref" / "w"))
     expected = _history(ref)

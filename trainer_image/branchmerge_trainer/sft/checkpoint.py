@@ -78,9 +78,9 @@ class CheckpointStore:
         if trainer.engine is not None:
             trainer.engine.save_checkpoint(str(local), tag="ds")
         elif self.env.is_main:
-            from safetensors.torch import save_model
+            from safetensors.torch import save_file
 
-            save_model(trainer.model, str(local / MODEL_FILE))
+            save_file({k: v.contiguous() for k, v in trainer.weights().items()}, str(local / MODEL_FILE))
             torch.save(trainer.state_dict(), local / TRAINER_FILE)
         if self.env.is_main:
             (local / STATE_FILE).write_text(json.dumps(state.to_json()))
@@ -124,9 +124,9 @@ class CheckpointStore:
         if trainer.engine is not None:
             trainer.engine.load_checkpoint(str(local), tag="ds")
         else:
-            from safetensors.torch import load_model
+            from safetensors.torch import load_file
 
-            load_model(trainer.model, str(local / MODEL_FILE), device=str(trainer.env.device))
+            trainer.load_weights(load_file(str(local / MODEL_FILE), device=str(trainer.env.device)))
             trainer.load_state_dict(torch.load(local / TRAINER_FILE, map_location=trainer.env.device, weights_only=True))
         state = TrainState.from_json(json.loads((local / STATE_FILE).read_text()))
         log.info("resumed from %s (step %d)", self._uri(step), state.step)

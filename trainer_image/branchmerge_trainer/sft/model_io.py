@@ -64,10 +64,9 @@ def saved_dtype(model_dir: Path) -> torch.dtype:
     return torch.float32
 
 
-def save_hf_dir(model: Any, tokenizer: Any, out_dir: Path, dtype: torch.dtype, *, max_shard_size: str = "5GB") -> None:
+def save_hf_dir(model: Any, tokenizer: Any, out_dir: Path, *, max_shard_size: str = "5GB") -> None:
     """safetensors shards (+ index when sharded), config, generation config, tokenizer."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.config.use_cache = True  # for whoever generates with it next
-    model.to(dtype)
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out_dir)

@@ -133,12 +133,12 @@ def _publish_output(
     if env.is_main:
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        model: Any = trainer.model
         if state_dict is not None:
+            model: Any = trainer.model
             model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
             tokenizer.save_pretrained(out_dir)
         else:
-            save_hf_dir(model, tokenizer, out_dir, saved_dtype(model_dir))
+            save_hf_dir(trainer.finalize(saved_dtype(model_dir)), tokenizer, out_dir)
         log_doc = {
             "stage": stage.name,
             "fingerprint": stage.fingerprint,
