@@ -194,7 +194,9 @@ def _check_architectures(cks: Mapping[str, Checkpoint], ref_name: str) -> None:
     ref = cks[ref_name].config
     for name, ck in cks.items():
         for key in ARCH_KEYS:
-            a, b = ref.get(key), ck.config.get(key)
+            if key not in ref or key not in ck.config:
+                continue  # an absent key means the library default; tensor shapes still must match
+            a, b = ref[key], ck.config[key]
             if a != b:
                 raise _err(
                     f"models {ref_name!r} and {name!r} have different architectures: "
