@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .cli import command
-from .local import StageProcess, detect_machine, log_tail
+from .local import StageProcess, detect_machine, log_tail, sigterm_as_interrupt
 from .local_cli import EXIT_CANNOT_START, EXIT_INTERRUPTED, EXIT_OK, run_local
 
 DEFAULT_WORKDIR = Path("runs/demo")
@@ -53,7 +53,7 @@ def prepare(workdir: Path, profile: str, console: Console, *, force: bool = Fals
         TimeElapsedColumn(),
     )
     try:
-        with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        with sigterm_as_interrupt(), Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
             task = bar.add_task("pre-training the student", total=None, loss="–")
             last_line = 0.0
             while proc.poll() is None:

@@ -45,7 +45,7 @@ def _fake_run(stage: Any, ctx: Any) -> Any:
         data = storage_for(stage.datasets[0].uri).read_bytes(stage.datasets[0].uri).decode()
         if "FAIL" in data:
             raise StageInputError(f"{stage.datasets[0].uri} line 1: field 'messages' is missing")
-        ckpt = storage_for(stage.checkpoints)
+        ckpt = storage_for(stage.checkpoints, stage.storage)
         marker = stage.checkpoints.rstrip("/") + "/step.txt"
         start = int(ckpt.read_bytes(marker)) if ckpt.exists(marker) else 0
         total = stage.training.max_steps or 5
@@ -56,7 +56,7 @@ def _fake_run(stage: Any, ctx: Any) -> Any:
         metrics = {"steps": float(total), "resumed_from_step": float(start)}
     elif isinstance(stage, MergeStage):
         for name, ref in stage.models.items():
-            if name != "student" and storage_for(ref.uri).committed(ref.uri) is None:
+            if name != "student" and storage_for(ref.uri, stage.storage).committed(ref.uri) is None:
                 raise StageInputError(f"merge input {name} is not committed")
     elif isinstance(stage, EvalStage):
         for i, name in enumerate(stage.models):
@@ -102,7 +102,7 @@ BRANCHMERGE = str(Path(sys.executable).with_name("branchmerge"))
 CPU = Machine(cpus=2)
 
 
-def manifest(root: Path, *, code_data: str = "code.jsonl", steps: int = 5) -> Path:
+def manifest(root: Path, *, code_data: str = "code.jsonl", steps: int = 5, output: dict[str, Any] | None = None) -> Path:
     """A three-branch Distillation over file:// inputs under ``root``."""
     (root / "student").mkdir(parents=True, exist_ok=True)
     (root / "student" / "config.json").write_text("{}")
@@ -123,7 +123,7 @@ def manifest(root: Path, *, code_data: str = "code.jsonl", steps: int = 5) -> Pa
         "spec": {
             "student": {"uri": f"file://{root}/student"},
             "teacher": {"name": "procedural"},
-            "output": {"uri": f"file://{root}/out"},
+            "output": output or {"uri": f"file://{root}/out"},
             "branches": [branch("math", "math.jsonl"), branch("science", "science.jsonl"), branch("code", code_data)],
             "merge": {"steps": [{"base": "science", "other": "math"}, {"base": "code", "other": "previous"}]},
             "eval": {
@@ -312,3 +312,40 @@ def test_second_run_on_a_busy_workdir_is_refused(env: Path) -> None:
         fcntl.flock(f, fcntl.LOCK_EX)
         code, _ = run(manifest(env), wd)
     assert code == 2 and invocations(env) == []
+
+
+def test_manifest_s3_output_with_credentials_from_the_environment(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from branchmerge_trainer.stages import StorageConfig
+    from branchmerge_trainer.storage import S3Storage
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        S3Storage(StorageConfig(endpoint=endpoint))._client.create_bucket(Bucket="bm-runs")
+        path = manifest(env, output={"uri": "s3://bm-runs/runs", "endpoint": endpoint, "credentialsSecret": "s3-creds"})
+        wd = env / "wd"
+        # By default an S3 output is redirected under the work directory, and said so.
+        code, text = run(path, wd, dry_run=True)
+        assert code == 0 and f"outputs go to file://{wd.resolve()}/outputs instead of s3://bm-runs/runs" in text
+        code, text = run(path, wd, use_manifest_output=True)
+        assert code == 0, text
+        record = load_record(wd)
+        assert record.stage("merge").output.startswith("s3://bm-runs/runs/merge/")
+        s3 = S3Storage(StorageConfig(endpoint=endpoint))
+        assert s3.committed(record.stage("eval").output, record.stage("eval").fingerprint) is not None
+        code, _ = run(path, wd, use_manifest_output=True)
+        assert code == 0 and {s.state for s in load_record(wd).stages} == {"cached"}
+        # Without credentials the run stops before starting anything, naming the output.
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(env / "none"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(env / "none"))
+        code, _ = run(path, env / "wd2", use_manifest_output=True)
+        assert code == 2
+    finally:
+        server.stop()
