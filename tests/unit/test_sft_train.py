@@ -43,7 +43,7 @@ def setup(tmp_path: Path) -> tuple[Path, str, str]:
 
 def test_lr_schedules() -> None:
     kw = {"warmup": 2, "total": 10}
-    assert [lr_factor(s, schedule="constant", **kw) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, schedule="constant", **kw) for s in (0, 1, 2, 9)] == [0.0, 0.5, 1.0, 1.0]
     assert lr_factor(2, schedule="cosine", **kw) == 1.0 and lr_factor(10, schedule="cosine", **kw) == pytest.approx(0.0)
     assert lr_factor(6, schedule="linear", **kw) == pytest.approx(0.5)
 

@@ -215,10 +215,11 @@ def build_optimizer(params: Sequence[torch.Tensor], cfg: TrainingConfig) -> torc
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based):
-    linear warmup, then constant, cosine to 0, or linear to 0."""
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based): linear
+    warmup from 0, then constant, cosine to 0, or linear to 0 — the HF Trainer formulas the
+    paper's LLaMA-Factory runs used, so curves are comparable step for step."""
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     if schedule == "constant":
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
