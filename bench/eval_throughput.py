@@ -14,8 +14,8 @@ be identical (checked). Then the sandbox: wall time per test case of a trivial p
 
 Prints a table and ends with ``RESULT <name> <value> goal <op> <target>`` lines.
 
-    .venv/bin/python bench/eval_throughput.py            # ~3-5 minutes on 2 cores
-    .venv/bin/python bench/eval_throughput.py --quick    # smaller, for a smoke run
+    .venv/bin/python bench/eval_throughput.py --threads 1   # ~3 minutes of CPU on one core
+    .venv/bin/python bench/eval_throughput.py --quick       # smaller, for a smoke run
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import hashlib
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from branchmerge_trainer.evaluate.generate import (
@@ -40,13 +41,15 @@ from branchmerge_trainer.tiny import build_model, build_tokenizer, sample_corpus
 
 
 def target_length(prompt: Sequence[int], limit: int) -> int:
-    """Deterministic per-prompt response length: 75% short, 15% medium, 10% to the limit."""
+    """Deterministic per-prompt response length, shaped like reasoning answers: 60% stop
+    early (up to 3/8 of the limit), 25% in the middle, 15% run to the limit."""
     h = int.from_bytes(hashlib.sha256(str(tuple(prompt)).encode()).digest()[:8], "big")
-    bucket, r = h % 20, (h // 20) % 1000
-    if bucket < 15:
-        return 8 + r % 56
-    if bucket < 18:
-        return 64 + r % 96
+    bucket, r = h % 20, (h // 20) % 100_000
+    short, medium = max(2, limit * 3 // 8), max(3, limit * 7 // 8)
+    if bucket < 12:
+        return 8 + r % (short - 8)
+    if bucket < 17:
+        return short + r % (medium - short)
     return limit + 1
 
 
@@ -66,25 +69,41 @@ def make_hook(limit: int, eos: int):  # type: ignore[no-untyped-def]
     return hook
 
 
-def timed(gen: Generator, requests: list[GenerationRequest]) -> tuple[list[GenerationOutput], float, int]:
-    start = time.perf_counter()
-    outputs = gen.generate(requests)
-    seconds = time.perf_counter() - start
-    return outputs, seconds, sum(len(o.token_ids) for o in outputs)
+@dataclass
+class Timing:
+    outputs: list[GenerationOutput] = field(default_factory=list)
+    walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(o.token_ids) for o in self.outputs)
+
+    def run(self, gen: Generator, requests: list[GenerationRequest]) -> None:
+        start, cpu = time.perf_counter(), time.process_time()
+        outputs = gen.generate(requests)
+        self.walls.append(time.perf_counter() - start)
+        self.cpus.append(time.process_time() - cpu)
+        assert not self.outputs or outputs == self.outputs, "a backend is not deterministic"
+        self.outputs = outputs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=96)
     parser.add_argument("--naive-prompts", type=int, default=16, help="subset run one at a time")
     parser.add_argument("--max-new-tokens", type=int, default=192)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--sandbox-runs", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per backend (best counts)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="32 prompts, 96 tokens, 8 naive")
     args = parser.parse_args()
     if args.quick:
-        args.prompts, args.max_new_tokens, args.naive_prompts, args.sandbox_runs = 32, 96, 8, 10
+        args.prompts, args.max_new_tokens, args.naive_prompts, args.sandbox_runs, args.repeats = 80, 96, 8, 10, 1
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tok = build_tokenizer(sample_corpus(), vocab_size=512)
     model = build_model(
@@ -92,10 +111,8 @@ def main() -> None:
     ).eval()
     params = sum(p.numel() for p in model.parameters())
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    questions = [
-        f"Compute {a} * {b} + {a + b}, then explain each step in detail." + " Be careful." * (a % 5)
-        for a, b in ((i * 7 % 97, i * 13 % 89) for i in range(args.prompts))
-    ]
+    # Short questions, long answers: reasoning responses are many times their prompts.
+    questions = [f"What is {a} * {b}?" + " Explain." * (a % 4) for a, b in ((i * 7 % 97, i * 13 % 89) for i in range(args.prompts))]
     requests = [GenerationRequest(tuple(chat_prompt(tok, q)[0]), args.max_new_tokens) for q in questions]
     hook = make_hook(args.max_new_tokens, eos)
     lens = [len(r.prompt_ids) for r in requests]
@@ -109,27 +126,35 @@ def main() -> None:
     naive = TransformersGenerator(model, eos_token_ids=[eos], pad_token_id=pad, batch_size=1, logits_hook=hook)
 
     ours.generate(requests[:4])  # warm-up (allocator, kernels)
-    c_out, c_s, c_tok = timed(ours, requests)
-    b_out, b_s, b_tok = timed(batched, requests)
+    batched.generate(requests[:4])
     subset = requests[: args.naive_prompts]
-    a_out, a_s, a_tok = timed(naive, subset)
+    timings = {"naive": Timing(), "batched": Timing(), "ours": Timing()}
+    # Interleaved repeats; the best (least disturbed) run of each counts: the machine is shared.
+    for _ in range(args.repeats):
+        timings["ours"].run(ours, requests)
+        timings["batched"].run(batched, requests)
+        timings["naive"].run(naive, subset)
+    a, b, c = timings["naive"], timings["batched"], timings["ours"]
 
-    lengths = [len(o.token_ids) for o in c_out]
-    truncated = sum(o.finish_reason == "length" for o in c_out)
+    lengths = [len(o.token_ids) for o in c.outputs]
+    truncated = sum(o.finish_reason == "length" for o in c.outputs)
     print(
         f"response lengths: median {statistics.median(lengths):.0f}, mean {statistics.mean(lengths):.1f}, "
         f"max {max(lengths)}; {truncated}/{len(lengths)} run to the limit"
     )
-    same_b = b_out == c_out
-    same_a = a_out == c_out[: len(subset)]
+    same_b = b.outputs == c.outputs
+    same_a = a.outputs == c.outputs[: len(subset)]
     rows = [
-        ("naive (generate, 1 at a time)", len(subset), a_tok, a_s),
-        (f"transformers generate, batch {args.batch}", len(requests), b_tok, b_s),
-        (f"ours, continuous batching, {args.batch} slots", len(requests), c_tok, c_s),
+        ("naive (generate, 1 at a time)", len(subset), a),
+        (f"transformers generate, batch {args.batch}", len(requests), b),
+        (f"ours, continuous batching, {args.batch} slots", len(requests), c),
     ]
-    print("\n| backend | prompts | generated tokens | seconds | tokens/s |\n|---|---:|---:|---:|---:|")
-    for name, n, t, s in rows:
-        print(f"| {name} | {n} | {t} | {s:.1f} | {t / s:.0f} |")
+    print(f"best of {args.repeats} interleaved runs each")
+    print("\n| backend | prompts | generated tokens | best wall s | tokens/s (wall) | best CPU s | tokens/CPU-s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, n, t in rows:
+        w, cpu = min(t.walls), min(t.cpus)
+        print(f"| {name} | {n} | {t.tokens} | {w:.1f} | {t.tokens / w:.0f} | {cpu:.1f} | {t.tokens / cpu:.0f} |")
     print(f"\ngreedy outputs identical: ours == batched: {same_b}; ours == naive (subset): {same_a}")
 
     run_program("print(1)")  # probe the host once
@@ -143,7 +168,7 @@ def main() -> None:
     print(f"sandbox: median {per_case_ms:.1f} ms per test case (p90 {1000 * sorted(walls)[int(0.9 * len(walls))]:.1f} ms), "
           f"protections {r.protections}")
 
-    ours_tps, batched_tps, naive_tps = c_tok / c_s, b_tok / b_s, a_tok / a_s
+    ours_tps, batched_tps, naive_tps = (t.tokens / min(t.walls) for t in (c, b, a))
     print()
     print(f"RESULT speedup_vs_batched_generate {ours_tps / batched_tps:.2f} goal >= 1.5")
     print(f"RESULT speedup_vs_naive_loop {ours_tps / naive_tps:.2f} goal >= 8")

@@ -168,6 +168,7 @@ def test_scores_match_what_the_data_implies(tmp_path: Path, models: dict[str, Pa
     assert [Score.model_validate(s) for s in manifest["extra"]["scores"]] == result.scores
     assert {f["path"] for f in manifest["files"]} >= {"summary.json", "records/trained/math.jsonl"}
     summary = json.loads((out / "summary.json").read_text())
+    assert "landlock_abi" in summary["sandbox"] and summary["sandbox"]["audit_hook"]
     assert summary["models"]["trained"]["benchmarks"]["gpqa"]["pass@k"]["4"] >= gpqa.score
     assert result.metrics["trained/gpqa/pass@4"] == summary["models"]["trained"]["benchmarks"]["gpqa"]["pass@k"]["4"]
 

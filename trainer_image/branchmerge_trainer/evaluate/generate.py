@@ -317,9 +317,12 @@ class ContinuousBatchingGenerator(Generator):
         logits_hook: LogitsHook | None = None,
         max_context: int | None = None,
         headroom: int = 256,
+        admit_group: int = 1,
     ) -> None:
         """``headroom``: K/V columns allocated beyond the first prompts; the cache grows
-        (doubling) or compacts when it runs out, so this only trades memory for copies."""
+        (doubling) or compacts when it runs out, so this only trades memory for copies.
+        ``admit_group``: refill once this many slots are free (1: at once; measured no
+        faster grouped on CPU, where prefill is compute-bound)."""
         check_supported(model)
         self.model = model.eval()
         self.inner = model.model
@@ -328,6 +331,7 @@ class ContinuousBatchingGenerator(Generator):
         self.max_batch = max_batch
         self.hook = logits_hook
         self.headroom = max(1, headroom)
+        self.admit_group = max(1, min(admit_group, max_batch))
         config = model.config
         self.max_context = max_context or int(getattr(config, "max_position_embeddings", 1 << 30))
         attn = self.inner.layers[0].self_attn
@@ -376,7 +380,10 @@ class ContinuousBatchingGenerator(Generator):
         results: list[GenerationOutput | None] = [None] * len(requests)
         if not requests:
             return []
-        queue = deque(range(len(requests)))
+        # Longest prompts first: admitted groups have similar lengths (little padding in
+        # prefill) and later prompts always fit left of the cache's end (no shifting).
+        # Samples of one prompt stay adjacent, so they share one prefill.
+        queue = deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt_ids)))
         slots: list[_Row | None] = [None] * min(self.max_batch, len(requests))
         longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
         max_capacity = min(longest, self.max_context) + 1
@@ -394,10 +401,10 @@ class ContinuousBatchingGenerator(Generator):
 
         while True:
             free = [s for s, r in enumerate(slots) if r is None]
-            if free and queue:
+            live = [s for s, r in enumerate(slots) if r is not None]
+            if queue and free and (len(free) >= self.admit_group or not live):
                 self._admit(requests, queue, free, slots, cache, max_capacity, done)
                 continue  # admitted rows may have finished at once; refill again
-            live = [s for s, r in enumerate(slots) if r is not None]
             if not live:
                 break
             if not queue and len(live) <= len(slots) // 2:
@@ -439,31 +446,42 @@ class ContinuousBatchingGenerator(Generator):
             rows.append(row)
         if not rows:
             return
-        width = max(len(r.prompt) for r in rows)
+        # Samples of one problem share their prompt: prefill each distinct prompt once and
+        # copy its K/V into every slot that needs it (16× less prefill for AIME's protocol).
+        unique: dict[tuple[int, ...], int] = {}
+        for row in rows:
+            unique.setdefault(row.prompt, len(unique))
+        prompts = list(unique)
+        width = max(len(p) for p in prompts)
         live = [s for s, r in enumerate(slots) if r is not None]
         cache.ensure_left(width, live, max_capacity)
-        n = len(rows)
+        n = len(prompts)
         ids = torch.full((n, width), self.pad, dtype=torch.long)
         positions = torch.ones((n, width), dtype=torch.long)  # padding positions are masked anyway
         valid = torch.zeros((n, width), dtype=torch.bool)
-        for j, row in enumerate(rows):
-            p = len(row.prompt)
-            ids[j, width - p :] = torch.tensor(row.prompt)
+        for j, prompt in enumerate(prompts):
+            p = len(prompt)
+            ids[j, width - p :] = torch.tensor(prompt)
             positions[j, width - p :] = torch.arange(p)
             valid[j, width - p :] = True
         causal = torch.ones((width, width), dtype=torch.bool).tril()
         # A padding query attends to itself only, so no row of the mask is empty (NaN).
         mask = (causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool)
-        targets = free[:n]
+        targets = free[: len(rows)]
         index = torch.tensor(targets, device=self.device)
+        source = torch.tensor([unique[r.prompt] for r in rows], device=self.device)
+        shared = n < len(rows)
         lo = cache.end - width
 
         def kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            cache.k[layer][:, :, lo : cache.end].index_copy_(0, index, k)
-            cache.v[layer][:, :, lo : cache.end].index_copy_(0, index, v)
+            rk, rv = (k.index_select(0, source), v.index_select(0, source)) if shared else (k, v)
+            cache.k[layer][:, :, lo : cache.end].index_copy_(0, index, rk)
+            cache.v[layer][:, :, lo : cache.end].index_copy_(0, index, rv)
             return k, v
 
         logits = self._forward(ids.to(self.device), positions.to(self.device), mask[:, None].to(self.device), kv)
+        if shared:
+            logits = logits.index_select(0, source)
         for s, row in zip(targets, rows, strict=True):
             cache.start[s] = cache.end - len(row.prompt)
             slots[s] = row
@@ -490,13 +508,16 @@ class ContinuousBatchingGenerator(Generator):
             else:
                 tokens[s] = row.generated[-1]
                 positions[s] = len(row.prompt) + len(row.generated) - 1
+        # Attend over the live window only: columns left of every live row's start belong
+        # to rows that already finished.
+        lo = min(cache.start[s] for s in live)
         start = torch.tensor(cache.start, device=self.device)
-        mask = (torch.arange(col + 1, device=self.device)[None, :] >= start[:, None])[:, None, None, :]
+        mask = (torch.arange(lo, col + 1, device=self.device)[None, :] >= start[:, None])[:, None, None, :]
 
         def kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             cache.k[layer][:, :, col : col + 1] = k
             cache.v[layer][:, :, col : col + 1] = v
-            return cache.k[layer][:, :, : col + 1], cache.v[layer][:, :, : col + 1]
+            return cache.k[layer][:, :, lo : col + 1], cache.v[layer][:, :, lo : col + 1]
 
         ids = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(positions, device=self.device)[:, None]

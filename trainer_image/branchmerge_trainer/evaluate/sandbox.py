@@ -153,6 +153,14 @@ def host_policy() -> _Policy:
         raise RuntimeError(f"the code sandbox cannot start any Python interpreter (tried {pythons})")
 
 
+def describe() -> dict[str, Any]:
+    """The confinement this host gives programs (interpreter, uid, namespaces, Landlock ABI,
+    audit hook), as reported from inside a trivial run; recorded with code-benchmark results."""
+    policy = host_policy()
+    r = _run(policy, "pass", "", SandboxLimits(wall_seconds=20))
+    return {"python": policy.python, **r.protections}
+
+
 def run_program(source: str, stdin: str = "", limits: SandboxLimits | None = None) -> RunResult:
     """Run one Python program in a fresh sandbox and return what it printed and how it ended."""
     return _run(host_policy(), source, stdin, limits or SandboxLimits())

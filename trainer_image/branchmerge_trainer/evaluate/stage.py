@@ -31,7 +31,7 @@ from typing import Any
 from ..runtime import StageContext, StageInputError
 from ..stages import MAX_RESULT_BYTES, EvalStage, Progress, Score, StageResult
 from ..storage import materialize_model, storage_for
-from . import generate
+from . import generate, sandbox
 from .benchmarks import Benchmark, CodeTask, Prompt, Verdict, load_benchmark
 from .scoring import BenchmarkSummary, SampleOutcome, summarize
 
@@ -191,6 +191,8 @@ def run(stage: EvalStage, ctx: StageContext) -> StageResult:
     scores: list[Score] = []
     metrics: dict[str, float] = {}
     summary: dict[str, Any] = {"fingerprint": stage.fingerprint, "models": {}}
+    if any(isinstance(b.task, CodeTask) for b in benchmarks):
+        summary["sandbox"] = sandbox.describe()  # which confinement layers this host allowed
     taken: set[str] = set()
     generated_tokens = 0
     for display, ref in stage.models.items():
