@@ -231,7 +231,10 @@ def execute(
     """Compute every tensor of ``plan`` and write the planned shards into ``out_dir``."""
     device = device or torch.device("cpu")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = workers or (cpus + 1 if device.type == "cpu" else 2)
+    if workers is None:
+        workers = cpus + 1 if device.type == "cpu" else 2
+        if any(ck.storage.local_path(ck.uri) is None for ck in plan.checkpoints.values()):
+            workers += 4  # remote reads mostly wait on the network: keep more GETs in flight
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = EngineStats()
     reader = TensorReader()
