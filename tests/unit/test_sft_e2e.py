@@ -95,13 +95,15 @@ def test_cli_subprocess_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_rank_gang_matches_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # DDP; bf16 master weights + flat all-reduce
+def test_two_rank_gang_matches_one_process(tmp_path: Path, precision: str) -> None:
     """torchrun with 2 gloo ranks trains the same curve as one process (same global batch)."""
     student = tiny_model_dir(tmp_path)
     data = write_jsonl(tmp_path / "d.jsonl", chats(32))
     losses = {}
     for n in (1, 2):
-        stage = sft_stage(tmp_path / f"n{n}", str(student), [str(data)], maxSteps=3, microBatchSize=1, packing="none")
+        stage = sft_stage(tmp_path / f"n{n}", str(student), [str(data)], maxSteps=3, microBatchSize=1, packing="none",
+                          precision=precision)
         if n == 1:  # in-process: one interpreter start less
             ctx = StageContext(storage=storage_for(stage.output), workdir=tmp_path / "w1", reporter=ProgressReporter())
             sft.run(stage, ctx)

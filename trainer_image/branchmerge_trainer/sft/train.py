@@ -520,6 +520,7 @@ class Trainer:
 
     def train_step(self, step: int) -> StepStats:
         start = time.perf_counter()
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step applies
         batches, global_targets = self._micro_batches(step)
         world = self.env.world_size
         # DDP and DeepSpeed average gradients over ranks (DeepSpeed also over accumulation):
@@ -573,7 +574,6 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
                     torch._foreach_copy_([p for _, p in self.named_params], self.master)
-        lr = float(self.optimizer.param_groups[0]["lr"])
         if self.env.device.type == "cuda":
             torch.cuda.synchronize(self.env.device)
         return StepStats(
