@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+
 from branchmerge_trainer.merge.synthetic import qwen2_config, write_family
 from branchmerge_trainer.tiny import build_tokenizer, sample_corpus
-from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = [str(REPO / ".venv/bin/branchmerge-train"), "merge"]

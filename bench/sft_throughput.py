@@ -113,11 +113,12 @@ def _rates(spans: list[tuple[int, float, float]]) -> dict[str, float]:
 
 def run_ours(model_dir: Path, data: Path, steps: int, precision: str = "bf16") -> dict[str, Any]:
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from branchmerge_trainer.sft.attention import choose_implementation
     from branchmerge_trainer.sft.data import load_examples, pack_rows, packing_efficiency
     from branchmerge_trainer.sft.train import DistEnv, Trainer, seed_everything
     from branchmerge_trainer.stages import DatasetRef, StorageConfig, TrainingConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = TrainingConfig(
         max_steps=steps, learning_rate=HPARAMS["lr"], schedule="constant", warmup_ratio=HPARAMS["warmup_ratio"],

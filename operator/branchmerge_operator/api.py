@@ -21,6 +21,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
 from branchmerge_trainer.stages import (
     BENCHMARK_PRESETS,
     BenchmarkConfig,
@@ -37,17 +49,6 @@ from branchmerge_trainer.stages import (
     check_uri,
     reject_inline_secrets,
 )
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    WithJsonSchema,
-    field_validator,
-    model_validator,
-)
-from pydantic.alias_generators import to_camel
 
 from .naming import (
     API_VERSION,

@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel
+
 from branchmerge_trainer.stages import (
     DatasetRef,
     DistributedConfig,
@@ -28,7 +30,6 @@ from branchmerge_trainer.stages import (
     TrainingConfig,
     fingerprint,
 )
-from pydantic import BaseModel
 
 from .api import (
     BranchJob,

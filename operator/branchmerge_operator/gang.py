@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from branchmerge_trainer.stages import Progress, SFTStage, StageResult
 from pydantic import ValidationError
+
+from branchmerge_trainer.stages import Progress, SFTStage, StageResult
 
 from .api import BranchJob, BranchJobStatus, BranchPhase, check_manifest, merge_patch, plain
 from .conditions import (

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from pydantic import Field
+
 from branchmerge_trainer.stages import (
     PROGRESS_PREFIX,
     EvalStage,
@@ -44,7 +46,6 @@ from branchmerge_trainer.stages import (
     StageError,
     StageResult,
 )
-from pydantic import Field
 
 from .api import Distillation, OutputSpec
 

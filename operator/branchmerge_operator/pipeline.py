@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from branchmerge_trainer.stages import EvalStage, MergeStage, Progress, Score, StageResult
 from pydantic import ValidationError
+
+from branchmerge_trainer.stages import EvalStage, MergeStage, Progress, Score, StageResult
 
 from .api import (
     BranchJob,

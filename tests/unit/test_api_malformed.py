@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from branchmerge_operator.api import check_manifest, load_manifests, read_documents
 from branchmerge_operator.validation import ManifestError
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from branchmerge_operator import cli
 from branchmerge_operator.crds import crds, render
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from branchmerge_operator.api import Distillation, parse_manifest
 from branchmerge_operator.crds import DEFAULT_OUT_DIRS, crds, render, stale_files, write_crds
 from branchmerge_operator.derive import stages_for

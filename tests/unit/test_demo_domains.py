@@ -8,6 +8,7 @@ import operator
 from typing import Any
 
 import pytest
+
 from branchmerge_trainer.demo import prompts
 from branchmerge_trainer.demo.domains import Domain, make_domains
 from branchmerge_trainer.evaluate import answers

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from branchmerge_operator.api import Distillation, load_manifests
 from branchmerge_operator.derive import pipeline_stages
 from branchmerge_operator.local import Machine, scale_stages

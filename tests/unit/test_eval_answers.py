@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from branchmerge_trainer.evaluate.answers import (
     answer_region,
     extract_choice,

@@ -10,6 +10,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
+
 from branchmerge_trainer.evaluate.benchmarks import (
     BenchmarkError,
     CodeTask,
@@ -21,7 +23,6 @@ from branchmerge_trainer.evaluate.benchmarks import (
 )
 from branchmerge_trainer.runtime import StageInputError
 from branchmerge_trainer.stages import BenchmarkConfig, StorageConfig
-from pydantic import ValidationError
 
 
 def _jsonl(path: Path, rows: list[Any]) -> str:

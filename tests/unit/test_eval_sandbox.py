@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from branchmerge_trainer.evaluate import sandbox
 from branchmerge_trainer.evaluate.benchmarks import run_tests
 from branchmerge_trainer.evaluate.sandbox import SandboxLimits, run_program

@@ -6,9 +6,10 @@ import itertools
 from math import comb
 
 import pytest
-from branchmerge_trainer.evaluate.scoring import SampleOutcome, k_values, mean_pass_at_1, pass_at_k, summarize
 from hypothesis import given
 from hypothesis import strategies as st
+
+from branchmerge_trainer.evaluate.scoring import SampleOutcome, k_values, mean_pass_at_1, pass_at_k, summarize
 
 
 def _o(correct: bool, tokens: int = 10, truncated: bool = False) -> SampleOutcome:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from branchmerge_trainer.evaluate.stage import fit_result, run
 from branchmerge_trainer.runtime import execute
 from branchmerge_trainer.stages import MAX_RESULT_BYTES, EvalStage, Score, StageResult

@@ -91,9 +91,10 @@ if __name__ == "__main__":
 
 # =========================================================================== fixtures
 
+from rich.console import Console  # noqa: E402
+
 from branchmerge_operator.local import Machine, load_record  # noqa: E402
 from branchmerge_operator.local_cli import run_local  # noqa: E402
-from rich.console import Console  # noqa: E402
 
 FAKE = [sys.executable, str(HERE)]
 #: The console script (``python -m branchmerge_operator.cli`` would register the plugin
@@ -315,9 +316,10 @@ def test_second_run_on_a_busy_workdir_is_refused(env: Path) -> None:
 
 
 def test_manifest_s3_output_with_credentials_from_the_environment(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moto.server import ThreadedMotoServer
+
     from branchmerge_trainer.stages import StorageConfig
     from branchmerge_trainer.storage import S3Storage
-    from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from branchmerge_operator.api import Distillation, load_manifests
 from branchmerge_operator.derive import stages_for
 from branchmerge_operator.local import (

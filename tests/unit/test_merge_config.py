@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from branchmerge_trainer.merge.config import MergekitConfigError, from_mergekit_yaml
 from branchmerge_trainer.merge.stage import run
 from branchmerge_trainer.merge.synthetic import qwen2_config, write_family
 from branchmerge_trainer.runtime import ProgressReporter, StageContext
 from branchmerge_trainer.stages import MergeStage
 from branchmerge_trainer.storage import LocalStorage
-from safetensors.torch import load_file
 
 TINYR1 = """
 name: math_science

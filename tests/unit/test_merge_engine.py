@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
 from branchmerge_trainer.merge import engine as engine_mod
 from branchmerge_trainer.merge.methods import get_method
 from branchmerge_trainer.merge.methods._common import seed_key
@@ -26,8 +29,6 @@ from branchmerge_trainer.runtime import ProgressReporter, StageContext, StageInp
 from branchmerge_trainer.stages import MergeStage, Progress, StorageConfig
 from branchmerge_trainer.storage import MANIFEST, ChecksumError, LocalStorage, NotCommittedError, S3Storage
 from branchmerge_trainer.tiny import sample_corpus, save_tiny_model
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 SPECIALISTS = ("math", "science", "code")
 

@@ -12,6 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from branchmerge_trainer.merge.methods import METHODS, get_method
 from branchmerge_trainer.merge.methods._common import TopKMask, flat_chunks, seed_key, uniform
 from branchmerge_trainer.merge.methods._select import order_statistics_with_counts
@@ -24,8 +27,6 @@ from branchmerge_trainer.merge.methods.slerp import slerp
 from branchmerge_trainer.merge.methods.task_arithmetic import task_arithmetic
 from branchmerge_trainer.merge.methods.ties import ties
 from branchmerge_trainer.merge.params import check_value, depth_fraction, evaluate, resolve
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from branchmerge_operator.api import BranchJob, Distillation, parse_manifest
 from branchmerge_operator.conditions import DISTILLATION_TYPES
 from branchmerge_operator.naming import LABEL_BRANCH, LABEL_FINGERPRINT

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from branchmerge_operator.gang import BranchJobPlan, ObservedPod, plan_branchjob
 from branchmerge_operator.naming import LABEL_ATTEMPT, LABEL_FINGERPRINT, LABEL_RANK
 from branchmerge_trainer.stages import Progress, StageError, StageResult

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from branchmerge_operator.api import BranchJob, Distillation, parse_manifest
 from branchmerge_operator.derive import branchjob_for, pipeline_stages, stage_for_branchjob, stages_for
 from branchmerge_trainer.stages import EvalStage, MergeStage, SFTStage, parse_stage

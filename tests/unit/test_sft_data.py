@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_sft_helpers import chats, write_jsonl
+
 from branchmerge_trainer.runtime import StageInputError
 from branchmerge_trainer.sft.data import (
     ChatEncoder,
@@ -22,7 +24,6 @@ from branchmerge_trainer.sft.data import (
 )
 from branchmerge_trainer.stages import DatasetRef, StorageConfig
 from branchmerge_trainer.tiny import build_tokenizer, sample_corpus
-from test_sft_helpers import chats, write_jsonl
 
 #: R1-distill style: drops the reasoning from assistant turns and has no generation markers.
 R1_LIKE_TEMPLATE = (

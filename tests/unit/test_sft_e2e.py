@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_sft_helpers import chats, sft_stage, tiny_model_dir, write_jsonl
+
 from branchmerge_trainer.runtime import ProgressReporter, StageContext
 from branchmerge_trainer.sft import stage as sft
 from branchmerge_trainer.sft.train import SimulatedCrash
 from branchmerge_trainer.stages import PROGRESS_PREFIX, SFTStage, StorageConfig
 from branchmerge_trainer.storage import S3Storage, join, storage_for
-from test_sft_helpers import chats, sft_stage, tiny_model_dir, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 

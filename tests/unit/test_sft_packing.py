@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from branchmerge_trainer.sft.attention import VARLEN, register, varlen_kwargs
 from branchmerge_trainer.sft.data import Example, collate
 from branchmerge_trainer.sft.train import CausalLMLoss, batch_args

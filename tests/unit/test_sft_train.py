@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_sft_helpers import chats, sft_stage, tiny_model_dir, write_jsonl
+
 from branchmerge_trainer.runtime import ProgressReporter, StageContext, execute
 from branchmerge_trainer.sft import stage as sft
 from branchmerge_trainer.sft.train import SimulatedCrash, lr_factor
 from branchmerge_trainer.stages import Progress, SFTStage, StageResult
 from branchmerge_trainer.storage import MANIFEST, LocalStorage, NotCommittedError, storage_for
-from test_sft_helpers import chats, sft_stage, tiny_model_dir, write_jsonl
 
 
 class Recorder(ProgressReporter):

@@ -73,7 +73,7 @@ def test_publish_then_read(backend: tuple[Storage, str], tmp_path: Path) -> None
 def test_prefix_without_manifest_is_refused(backend: tuple[Storage, str], tmp_path: Path) -> None:
     storage, prefix = backend
     storage.write_bytes(join(prefix, "model.safetensors"), b"partial")
-    with pytest.raises(NotCommittedError, match="no _MANIFEST.json"):
+    with pytest.raises(NotCommittedError, match=r"no _MANIFEST\.json"):
         storage.fetch_dir(prefix, tmp_path / "dst")
 
 

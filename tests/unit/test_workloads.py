@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+
 from branchmerge_operator import workloads
 from branchmerge_operator.api import BranchJob, Distillation
 from branchmerge_operator.gang import plan_branchjob
