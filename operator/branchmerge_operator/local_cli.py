@@ -153,7 +153,7 @@ def run_local(
     except PlanError as e:
         err.print(f"[bold red]cannot run:[/] {e}", highlight=False, soft_wrap=True)
         return EXIT_CANNOT_START
-    console.print(summary(record))
+    console.print(summary(record), soft_wrap=True)
     return exit_code(record)
 
 
@@ -187,7 +187,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"branchmerge status: {e}", file=sys.stderr)
         return EXIT_CANNOT_START
-    console.print(summary(record))
+    console.print(summary(record), soft_wrap=True)
     if record.status == "running" and not executor_alive(record):
         console.print("[magenta]the run that wrote this state is no longer running; run it again to resume[/]")
         return EXIT_INTERRUPTED

@@ -69,6 +69,8 @@ def stage_table(record: RunRecord, now: float | None = None) -> Table:
             eta = _duration(p.eta_seconds) if s.state == "running" else ""
         elif s.state in {"succeeded", "cached"}:
             bar = ProgressBar(total=1, completed=1, width=24)
+        elif s.state == "running":
+            bar = Text("starting…", style="dim")
         table.add_row(
             s.name,
             Text(f"{icon} {s.state}", style=style),
@@ -148,6 +150,9 @@ def summary(record: RunRecord) -> RenderableType:
     merged = record.merged_model()
     if merged:
         parts.append(Text.assemble(("merged model: ", "bold"), merged))
+    for s in record.stages:
+        if s.kind == "Eval" and s.state in {"succeeded", "cached"}:
+            parts.append(Text.assemble(("every answer: ", "bold"), f"{s.output}/records/<model>/<benchmark>.jsonl"))
     for s in record.failures():
         parts.append(Text.assemble((f"✗ {s.name} failed: ", "bold red"), s.reason or "unknown error"))
         if s.log_path:

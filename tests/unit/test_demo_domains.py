@@ -38,7 +38,7 @@ def _identity_meta(task: Task, problem: Problem) -> dict[str, Any]:
 def test_same_seed_same_data_other_seed_other_data() -> None:
     a, b, c = make_domains(0, 30, 5), make_domains(0, 30, 5), make_domains(1, 30, 5)
     for x, y, z in zip(a, b, c, strict=True):
-        assert (x.train, x.bench, x.corpus, x.direct) == (y.train, y.bench, y.corpus, y.direct)
+        assert (x.train, x.bench, x.corpus, x.warmup) == (y.train, y.bench, y.corpus, y.warmup)
         assert x.train != z.train and x.bench != z.bench
 
 
@@ -47,20 +47,21 @@ def test_sizes_kinds_and_reasoning_markup(domains: list[Domain]) -> None:
     for d in domains:
         assert len(d.train) == len(d.train_rows) == 40
         assert len(d.bench) == len(d.bench_solutions) == 12
-        assert d.corpus and d.direct
+        assert d.corpus and len(d.warmup) == 4
         for chat in d.train:
             user, assistant = chat["messages"]
             assert user["role"] == "user" and assistant["role"] == "assistant"
             assert assistant["content"].startswith("<think>") and "</think>" in assistant["content"]
-        # Direct answers show the format, never the reasoning.
-        assert all("<think>" not in c["messages"][1]["content"] for c in d.direct)
 
 
 def test_benchmark_prompts_never_occur_in_training(domains: list[Domain]) -> None:
     for d in domains:
         key = "problem" if d.kind == "math" else "question"
         train = {r[key] for r in d.train_rows}
-        assert not train & {r[key] for r in d.bench}, d.name
+        bench = {r[key] for r in d.bench}
+        warmup = {c["messages"][0]["content"] for c in d.warmup}
+        assert not train & bench, d.name
+        assert not any(b in w for b in bench | train for w in warmup), d.name
 
 
 def test_teacher_is_graded_correct_by_the_eval_checkers(domains: list[Domain]) -> None:

@@ -176,3 +176,45 @@ def test_manifest_example_round_trips_yaml() -> None:
     dist = _dist("tiny-cpu.yaml")
     again = Distillation.model_validate(yaml.safe_load(yaml.safe_dump(dist.dump())))
     assert [s.fingerprint for s in stages_for(again)] == [s.fingerprint for s in stages_for(dist)]
+
+
+def test_results_table_orders_models_and_shows_gains() -> None:
+    from rich.console import Console
+
+    from branchmerge_operator.local import RunRecord, StageRecord
+    from branchmerge_operator.localview import results_markdown, results_table, stage_table
+    from branchmerge_trainer.stages import Score, StageResult
+
+    scores = [
+        Score(model=m, benchmark=b, score=v, samples=40)
+        for m, b, v in [
+            ("merged", "math", 0.5), ("student", "math", 0.25), ("math", "math", 0.75), ("code", "math", 0.2),
+            ("merged", "code", 0.1), ("student", "code", 0.1), ("math", "code", 0.0), ("code", "code", 0.6),
+        ]
+    ]
+    stages = [
+        StageRecord(name="branch-math", kind="SFT", fingerprint="a", output="file:///o/a", state="cached"),
+        StageRecord(name="branch-code", kind="SFT", fingerprint="b", output="file:///o/b", state="succeeded"),
+        StageRecord(name="merge", kind="Merge", fingerprint="c", output="file:///o/m", state="succeeded"),
+        StageRecord(
+            name="eval", kind="Eval", fingerprint="d", output="file:///o/e", state="succeeded",
+            result=StageResult(kind="Eval", status="Succeeded", fingerprint="d", scores=scores),
+        ),
+    ]
+    record = RunRecord(manifest="m.yaml", distillation="d", workdir="/w", output_uri="file:///o", student_uri="file:///s",
+                       stages=stages)
+    assert results_markdown(record).splitlines() == [
+        "| model | math | code |",
+        "|---|---:|---:|",
+        "| student | 25.0 | 10.0 |",
+        "| math | 75.0 (+50.0) | 0.0 (-10.0) |",
+        "| code | 20.0 (-5.0) | 60.0 (+50.0) |",
+        "| merged | 50.0 (+25.0) | 10.0 (+0.0) |",
+    ]
+    console = Console(record=True, width=120)
+    table = results_table(record)
+    assert table is not None
+    console.print(table)
+    console.print(stage_table(record))
+    text = console.export_text()
+    assert "75.0 (+50.0)" in text and "branch-code" in text and record.merged_model() == "file:///o/m"

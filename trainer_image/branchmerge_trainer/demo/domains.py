@@ -28,11 +28,11 @@ LETTERS = "ABCD"
 class Difficulty:
     """The knobs that keep scores informative (neither all 0 nor all 1) for a tiny model."""
 
-    math_steps: tuple[int, ...] = (2, 3)
+    math_steps: tuple[int, ...] = (2, 3, 4)
     math_max_operand: int = 9
-    math_max_value: int = 20
+    math_max_value: int = 9
     code_steps: tuple[int, ...] = (1, 2)
-    science_facts: int = 4
+    science_facts: int = 3
 
 
 @dataclass
@@ -44,8 +44,10 @@ class Domain:
     train: list[dict[str, Any]] = field(default_factory=list)  # {"messages": [...]}
     bench: list[dict[str, Any]] = field(default_factory=list)  # benchmark rows
     corpus: list[str] = field(default_factory=list)  # general pre-training text
-    #: a few chats that answer directly (no reasoning): the student sees the format, not the method
-    direct: list[dict[str, Any]] = field(default_factory=list)
+    #: a few worked chats for the student's pre-training (its own problems, disjoint from the
+    #: branch data and the benchmark): like R1-Distill-Qwen, the student already reasons a
+    #: little; the branch then makes it a specialist
+    warmup: list[dict[str, Any]] = field(default_factory=list)
     #: each training chat's problem as a benchmark row (multiple choice: in the order shown),
     #: so tests can grade the teacher with the eval stage's own checkers
     train_rows: list[dict[str, Any]] = field(default_factory=list)
@@ -60,24 +62,28 @@ def _chat(user: str, assistant: str) -> dict[str, Any]:
 def _split(
     rng: random.Random,
     make: Callable[[random.Random], tuple[str, Any]],
-    n_train: int,
-    n_bench: int,
+    counts: tuple[int, ...],
     max_tries: int = 200_000,
-) -> tuple[list[Any], list[Any]]:
-    """Draw distinct problems (by prompt text); the benchmark's prompts are disjoint from training's."""
+) -> list[list[Any]]:
+    """Draw distinct problems (by prompt text) and deal them out in ``counts`` (benchmark,
+    branch data, warm-up): no prompt occurs in two of them."""
     seen: set[str] = set()
     items: list[Any] = []
     tries = 0
-    while len(items) < n_train + n_bench and tries < max_tries:
+    while len(items) < sum(counts) and tries < max_tries:
         tries += 1
         key, item = make(rng)
         if key in seen:
             continue
         seen.add(key)
         items.append(item)
-    if len(items) < n_train + n_bench:
+    if len(items) < sum(counts):
         raise ValueError(f"only {len(items)} distinct problems; lower the counts or raise the difficulty")
-    return items[n_bench:], items[:n_bench]
+    out, start = [], 0
+    for n in counts:
+        out.append(items[start : start + n])
+        start += n
+    return out
 
 
 # --------------------------------------------------------------------------- math
@@ -136,12 +142,12 @@ def _draw_arithmetic(rng: random.Random, d: Difficulty) -> ArithmeticProblem:
             return ArithmeticProblem(first, tuple(steps))
 
 
-def math_domain(rng: random.Random, n_train: int, n_bench: int, d: Difficulty) -> Domain:
+def math_domain(rng: random.Random, n_train: int, n_bench: int, n_warmup: int, d: Difficulty) -> Domain:
     def make(r: random.Random) -> tuple[str, ArithmeticProblem]:
         p = _draw_arithmetic(r, d)
         return p.expression(), p
 
-    train, bench = _split(rng, make, n_train, n_bench)
+    bench, train, warmup = _split(rng, make, (n_bench, n_train, n_warmup))
     dom = Domain("math", "math")
     for p in train:
         dom.train.append(_chat(prompts.math_prompt(math_problem_text(p)), math_solution(p)))
@@ -156,8 +162,7 @@ def math_domain(rng: random.Random, n_train: int, n_bench: int, d: Difficulty) -
                 c = _OPS[op](a, b)
                 if 0 <= c <= d.math_max_value:
                     dom.corpus.append(f"{a} {op} {b} = {c}")
-    for p in train[: max(1, n_train // 20)]:
-        dom.direct.append(_chat(prompts.math_prompt(math_problem_text(p)), f"\\boxed{{{p.answer}}}"))
+    dom.warmup = [_chat(prompts.math_prompt(math_problem_text(p)), math_solution(p)) for p in warmup]
     return dom
 
 
@@ -280,12 +285,12 @@ def code_solution(p: CodeProblem) -> str:
     return f"<think>{plan}</think>\n```python\n{p.program()}\n```"
 
 
-def code_domain(rng: random.Random, n_train: int, n_bench: int, d: Difficulty) -> Domain:
+def code_domain(rng: random.Random, n_train: int, n_bench: int, n_warmup: int, d: Difficulty) -> Domain:
     def make(r: random.Random) -> tuple[str, CodeProblem]:
         p = _draw_code(r, d)
         return p.question(), p
 
-    train, bench = _split(rng, make, n_train, n_bench)
+    bench, train, warmup = _split(rng, make, (n_bench, n_train, n_warmup))
     dom = Domain("code", "code")
     for p in train:
         dom.train.append(_chat(prompts.code_prompt(p.question()), code_solution(p)))
@@ -295,8 +300,7 @@ def code_domain(rng: random.Random, n_train: int, n_bench: int, d: Difficulty) -
     for p in train:
         if rng.random() < 0.5:
             dom.corpus.append(p.program())
-    for p in train[: max(1, n_train // 20)]:
-        dom.direct.append(_chat(prompts.code_prompt(p.question()), f"```python\n{p.program()}\n```"))
+    dom.warmup = [_chat(prompts.code_prompt(p.question()), code_solution(p)) for p in warmup]
     return dom
 
 
@@ -383,14 +387,14 @@ def science_solution(p: ScienceProblem, shown: list[str]) -> str:
     return f"<think>{thought}</think>\nThe answer is {letter}."
 
 
-def science_domain(rng: random.Random, n_train: int, n_bench: int, d: Difficulty) -> Domain:
+def science_domain(rng: random.Random, n_train: int, n_bench: int, n_warmup: int, d: Difficulty) -> Domain:
     world = make_world(rng)
 
     def make(r: random.Random) -> tuple[str, ScienceProblem]:
         p = _draw_science(r, world, d)
         return p.question(), p
 
-    train, bench = _split(rng, make, n_train, n_bench)
+    bench, train, warmup = _split(rng, make, (n_bench, n_train, n_warmup))
     dom = Domain("science", "multiple_choice")
     for p in train:
         # The eval shuffles choices per sample; so does the teacher's data.
@@ -398,11 +402,12 @@ def science_domain(rng: random.Random, n_train: int, n_bench: int, d: Difficulty
         rng.shuffle(order)
         dom.train.append(_chat(prompts.mc_prompt(p.question(), order), science_solution(p, order)))
         dom.train_rows.append({"question": p.question(), "choices": order, "answer": p.answer})
-        if len(dom.direct) < max(1, n_train // 20):
-            letter = LETTERS[order.index(p.answer)]
-            dom.direct.append(_chat(prompts.mc_prompt(p.question(), order), f"The answer is {letter}."))
     dom.bench = [{"question": p.question(), "choices": list(p.choices), "answer": p.answer} for p in bench]
     dom.bench_solutions = [science_solution(p, list(p.choices)) for p in bench]
+    for p in warmup:
+        order = list(p.choices)
+        rng.shuffle(order)
+        dom.warmup.append(_chat(prompts.mc_prompt(p.question(), order), science_solution(p, order)))
     dom.corpus = world.sentences()
     return dom
 
@@ -411,12 +416,19 @@ def science_domain(rng: random.Random, n_train: int, n_bench: int, d: Difficulty
 
 
 def make_domains(
-    seed: int = 0, n_train: int = 1200, n_bench: int = 40, difficulty: Difficulty | None = None
+    seed: int = 0,
+    n_train: int = 800,
+    n_bench: int = 40,
+    difficulty: Difficulty | None = None,
+    n_warmup: int | None = None,
 ) -> list[Domain]:
-    """The three domains, each from its own seeded stream (changing one leaves the others)."""
+    """The three domains, each from its own seeded stream (changing one leaves the others).
+    ``n_warmup`` worked chats per domain go into the student's pre-training (default 10% of
+    ``n_train``)."""
     d = difficulty or Difficulty()
+    w = max(1, n_train // 10) if n_warmup is None else n_warmup
     return [
-        math_domain(random.Random(f"{seed}-math"), n_train, n_bench, d),
-        code_domain(random.Random(f"{seed}-code"), n_train, n_bench, d),
-        science_domain(random.Random(f"{seed}-science"), n_train, n_bench, d),
+        math_domain(random.Random(f"{seed}-math"), n_train, n_bench, w, d),
+        code_domain(random.Random(f"{seed}-code"), n_train, n_bench, w, d),
+        science_domain(random.Random(f"{seed}-science"), n_train, n_bench, w, d),
     ]

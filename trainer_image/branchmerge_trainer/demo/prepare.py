@@ -39,10 +39,10 @@ DEMO_VERSION = 1
 class BranchTraining:
     """The branches' SFT settings (the manifest's ``training``), sized for two CPU cores."""
 
-    epochs: float = 4
+    epochs: float = 3
     global_batch_size: int = 4
     micro_batch_size: int = 4
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
     max_sequence_length: int = 256
     checkpoint_interval: int = 25
     precision: str = "bf16"
@@ -212,7 +212,7 @@ def prepare(root: Path, cfg: DemoConfig, *, progress: Any = None, force: bool = 
         student_dir,
         tokenizer_texts(domains),
         [t for d in domains for t in d.corpus],
-        [r["messages"] for d in domains for r in d.direct],
+        [r["messages"] for d in domains for r in d.warmup],
         cfg.student,
         report,
     )

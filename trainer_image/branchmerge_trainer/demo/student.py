@@ -29,9 +29,9 @@ class StudentConfig:
     intermediate_size: int = 384
     seq_len: int = 256
     batch_size: int = 16
-    steps: int = 150
+    steps: int = 250
     learning_rate: float = 3e-3
-    warmup_steps: int = 15
+    warmup_steps: int = 20
     seed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
