@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from branchmerge_trainer.evaluate.generate import (
     ContinuousBatchingGenerator,
     GenerationOutput,
@@ -148,6 +149,22 @@ def test_transformers_sampling_is_reproducible(model: Any, tok: Any) -> None:
     requests = [GenerationRequest(p, 8, temperature=0.8, top_p=0.95, seed=3) for p in _prompts(4, seed=7)]
     gen = TransformersGenerator(model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, batch_size=4)
     assert gen.generate(requests) == gen.generate(requests)
+
+
+def test_transformers_ignores_the_checkpoints_sampling_defaults(model: Any, tok: Any) -> None:
+    """A checkpoint's generation_config.json (top_k, repetition penalty) must not change the
+    benchmark's protocol (temperature + top-p only)."""
+    from transformers import GenerationConfig
+
+    requests = [GenerationRequest(p, 8, temperature=1.0, top_p=0.95, seed=11) for p in _prompts(4, seed=9)]
+    gen = TransformersGenerator(model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, batch_size=4)
+    clean = gen.generate(requests)
+    original = model.generation_config
+    model.generation_config = GenerationConfig(do_sample=True, top_k=1, repetition_penalty=3.0, min_p=0.5)
+    try:
+        assert gen.generate(requests) == clean
+    finally:
+        model.generation_config = original
 
 
 def test_responses_stop_at_the_context_limit(model: Any, tok: Any) -> None:

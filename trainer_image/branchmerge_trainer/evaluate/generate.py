@@ -146,24 +146,37 @@ class TransformersGenerator(Generator):
                     if on_done is not None:
                         on_done(i, results[i])  # type: ignore[arg-type]
                 continue
+            # Only the benchmark's settings: transformers fills every field left None from the
+            # checkpoint's generation_config.json (top_k, repetition_penalty, min_p, …) and then
+            # from its own defaults (top_k=50), so neutral values are set explicitly and the
+            # checkpoint's config is swapped out for the call.
+            warpers: dict[str, Any] = {}
+            if sample:
+                warpers = dict(temperature=first.temperature, top_p=first.top_p, top_k=0, min_p=0.0,
+                               typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)  # fmt: skip
             config = GenerationConfig(
                 max_new_tokens=limit,
                 do_sample=sample,
-                temperature=first.temperature if sample else None,
-                top_p=first.top_p if sample else None,
-                top_k=None,
+                repetition_penalty=1.0,
+                no_repeat_ngram_size=0,
                 eos_token_id=sorted(self.eos),
                 pad_token_id=self.pad,
+                **warpers,
             )
             processors = LogitsProcessorList([_HookProcessor(self.hook, prompts, width)] if self.hook else [])
             if sample:
                 torch.manual_seed(first.seed)
-            out = self.model.generate(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                generation_config=config,
-                logits_processor=processors,
-            )
+            checkpoint_config = self.model.generation_config
+            self.model.generation_config = GenerationConfig(eos_token_id=sorted(self.eos), pad_token_id=self.pad)
+            try:
+                out = self.model.generate(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    generation_config=config,
+                    logits_processor=processors,
+                )
+            finally:
+                self.model.generation_config = checkpoint_config
             for row, i in enumerate(batch):
                 results[i] = _finish(out[row, width:].tolist(), self.eos, limit)
                 if on_done is not None:
