@@ -82,7 +82,8 @@ def build_assets(root: Path, samples: int) -> tuple[Path, Path]:
 
 
 def matmul_peak(dtype_name: str, seconds: float = 3.0, n: int = 2048) -> float:
-    """Best-of FLOP/s of an n×n×n GEMM in this process (same threads as training)."""
+    """FLOP/s of an n×n×n GEMM with this process's threads, by CPU time / threads (the same
+    clock as the training rates, so neighbours on a shared machine cancel out)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -90,9 +91,11 @@ def matmul_peak(dtype_name: str, seconds: float = 3.0, n: int = 2048) -> float:
     torch.mm(a, b)
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
-        t = time.perf_counter()
+        t = time.process_time()
         torch.mm(a, b)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+        cpu = (time.process_time() - t) / torch.get_num_threads()
+        if cpu > 0:
+            best = max(best, 2 * n**3 / cpu)
     return best
 
 
@@ -161,6 +164,9 @@ def run_ours(model_dir: Path, data: Path, steps: int, precision: str = "bf16") -
 def trl_worker(spec_path: str) -> None:
     """Runs inside the TRL interpreter; prints one JSON line. Imports nothing of ours."""
     import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -259,13 +265,22 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=500)
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads for every run; 1 (default) keeps CPU-time rates exact on a busy machine, where "
+        "idle OpenMP threads spin and bill CPU time while they wait for a descheduled sibling",
+    )
     args = ap.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the TRL interpreter
     if args.trl_worker:
         trl_worker(args.trl_worker)
         return
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer_image"))
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="sft-bench-"))
     model_dir, data = build_assets(root, args.samples)
     peak_bf16, peak_fp32 = matmul_peak("bfloat16"), matmul_peak("float32")

@@ -86,3 +86,19 @@ def test_bf16_autocast_neat_close_to_unpacked(model: Any) -> None:
         for d, doc in enumerate(docs):
             _, alone = _alone(model, doc)
             assert torch.allclose(packed[batch.target_doc == d], alone, atol=0.05)
+
+
+def test_short_bf16_segments_match_sdpa() -> None:
+    """The matmul path used for short bf16 segments on CPU agrees with SDPA per segment."""
+    from types import SimpleNamespace
+
+    from branchmerge_trainer.sft.attention import segment_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 50, 16) for _ in range(3))
+    cu = torch.tensor([0, 20, 50], dtype=torch.int32)
+    module: Any = SimpleNamespace(num_key_value_groups=1, sliding_window=None)
+    fast, _ = segment_attention(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), None, cu_seq_lens_q=cu)
+    for a, b in ((0, 20), (20, 50)):
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True)
+        assert torch.allclose(fast[0, a:b].float(), ref[0].transpose(0, 1), atol=3e-2)

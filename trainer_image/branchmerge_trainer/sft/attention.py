@@ -21,6 +21,12 @@ import torch.nn.functional as F
 
 VARLEN = "branchmerge_varlen"
 
+#: On CPU in bf16, segments up to this length run as two bf16 matmuls and an fp32 softmax:
+#: measured ~8% faster per training step than the CPU flash kernel for 200–650-token
+#: documents (the matmuls hit the bf16 GEMM peak; the flash kernel does not). Longer ones use
+#: SDPA, whose memory does not grow with the square of the length.
+_SMALL_SEGMENT = 1024
+
 
 def segment_attention(
     module: torch.nn.Module,
@@ -50,14 +56,26 @@ def segment_attention(
     if groups > 1:  # once per layer is cheaper than letting every segment call expand K/V
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
+    small_ok = query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
     outs = [
-        F.scaled_dot_product_attention(
+        _small_causal(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scaling)
+        if small_ok and b - a <= _SMALL_SEGMENT
+        else F.scaled_dot_product_attention(
             query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, is_causal=True, scale=scaling
         )
         for a, b in itertools.pairwise(bounds)
     ]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _small_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention of one short segment: scores in the input dtype, softmax in fp32."""
+    n = q.shape[2]
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (scale if scale is not None else q.shape[-1] ** -0.5)
+    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
+    probs = scores.masked_fill_(future, float("-inf")).softmax(-1).to(q.dtype)
+    return torch.matmul(probs, v)
 
 
 def register() -> None:
