@@ -60,8 +60,12 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 120, interv
 def install_crds(cluster: Cluster) -> None:
     """Apply the generated CRDs (idempotent) and wait until both are Established."""
     cluster.kubectl("apply", "-f", str(REPO / "manifests" / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    "crd/distillations.branchmerge.io", "crd/branchjobs.branchmerge.io")  # fmt: skip
+    for attempt in range(50):  # `wait` errors while a fresh CRD has no conditions yet
+        out = cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/distillations.branchmerge.io",
+                              "crd/branchjobs.branchmerge.io", check=attempt == 49)
+        if out.count("condition met") == 2:
+            return
+        time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------- API shortcuts
@@ -220,9 +224,10 @@ class OperatorProcess:
 def in_process_operator(cluster: Cluster, *, progress_interval: float = 1.0, kubelets: list[Any] | None = None
                         ) -> Iterator[Any]:  # fmt: skip
     """The handlers under KopfRunner (same process as the kubelets, whose log files it reads)."""
+    from kopf.testing import KopfRunner
+
     from branchmerge_operator import handlers
     from branchmerge_operator.reconcile import OperatorConfig
-    from kopf.testing import KopfRunner
 
     async def read_log(namespace: str, pod: str, container: str) -> str:
         for kubelet in kubelets or [cluster.kubelet]:

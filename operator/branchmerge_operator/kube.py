@@ -34,6 +34,8 @@ log = logging.getLogger("branchmerge.kube")
 #: server certainly did not apply it — 429/503 — or when a retry is harmless for that verb).
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _BACKOFFS = (0.2, 0.5, 1.0, 2.0)
+#: Concurrent connections to the API server (a burst of reconciles is latency-bound).
+CONNECTIONS = 64
 
 
 class ApiError(Exception):
@@ -192,7 +194,7 @@ class KubeClient:
     async def _get_session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._session_loop is not loop:
-            connector = aiohttp.TCPConnector(ssl=self.endpoint.ssl_context(), limit=32)
+            connector = aiohttp.TCPConnector(ssl=self.endpoint.ssl_context(), limit=CONNECTIONS)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
             self._session_loop = loop
         return self._session
@@ -226,10 +228,12 @@ class KubeClient:
             headers = {"Accept": "*/*" if text else "application/json", **self.endpoint.headers()}
             if data is not None:
                 headers["Content-Type"] = content_type
+            started = asyncio.get_running_loop().time()
             try:
                 async with session.request(method, url, data=data, headers=headers) as resp:
                     status = resp.status
                     payload = await resp.text()
+                metrics.API_SECONDS.labels(method).observe(asyncio.get_running_loop().time() - started)
             except (TimeoutError, aiohttp.ClientConnectionError) as e:
                 metrics.API_REQUESTS.labels(method, resource, "error").inc()
                 if attempt < len(_BACKOFFS):

@@ -52,6 +52,12 @@ API_REQUESTS = Counter(
     "Kubernetes API requests made by the reconcilers, by verb, resource and HTTP status.",
     ["verb", "resource", "code"],
 )
+API_SECONDS = Histogram(
+    "branchmerge_api_request_duration_seconds",
+    "Latency of the reconcilers' Kubernetes API requests, by verb.",
+    ["verb"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 EVENTS = Counter(
     "branchmerge_events_total",
     "Kubernetes Events emitted, by type and reason.",

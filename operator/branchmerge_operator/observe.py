@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from branchmerge_trainer.stages import PROGRESS_PREFIX, Progress
 from pydantic import ValidationError
+
+from branchmerge_trainer.stages import PROGRESS_PREFIX, Progress
 
 from .api import check_manifest
 from .naming import LABEL_ATTEMPT, LABEL_BRANCHJOB, LABEL_DISTILLATION, LABEL_RANK
@@ -60,29 +61,43 @@ _META_KEYS = (
 
 
 def slim(body: Mapping[str, Any], *, keep_spec: bool = True) -> Obj:
-    """A deep copy of what reconciles read (no managedFields, no pod spec): indexes hold
-    hundreds of these, so the operator's memory stays flat as clusters grow."""
-    meta = body.get("metadata") or {}
+    """What reconciles read (no managedFields, optionally no spec): indexes hold thousands of
+    these, so the operator's memory stays flat as clusters grow.
+
+    Nested values are shared with the watch event they came from, not copied: neither kopf nor
+    this operator mutates an observed object (every change goes to the API as a patch), and a
+    deep copy per watch event was the largest CPU cost at scale.
+    """
+    m = body.get("metadata") or {}
     out: Obj = {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": {k: copy.deepcopy(meta[k]) for k in _META_KEYS if k in meta},
+        "metadata": {k: m[k] for k in _META_KEYS if k in m},
     }
     if keep_spec and "spec" in body:
-        out["spec"] = copy.deepcopy(body["spec"])
+        out["spec"] = body["spec"]
     if "status" in body:
-        out["status"] = copy.deepcopy(body["status"])
+        out["status"] = body["status"]
     return out
 
 
 def slim_pod(body: Mapping[str, Any]) -> Obj:
-    """Pods: metadata and status only; termination messages are redacted on the way in."""
+    """Pods: metadata and status only; termination messages are redacted on the way in (the
+    statuses that carry one are copied, the rest shared)."""
     out = slim(body, keep_spec=False)
-    for cs in (out.get("status") or {}).get("containerStatuses") or []:
+    status = out.get("status")
+    if not isinstance(status, dict):
+        return out
+    statuses = status.get("containerStatuses") or []
+    if not any(((cs.get(k) or {}).get("terminated") or {}).get("message") for cs in statuses for k in ("state", "lastState")):
+        return out
+    statuses = copy.deepcopy(statuses)
+    for cs in statuses:
         for state_key in ("state", "lastState"):
             term = (cs.get(state_key) or {}).get("terminated")
             if isinstance(term, dict) and term.get("message"):
                 term["message"] = redact(term["message"], 4096)
+    out["status"] = {**status, "containerStatuses": statuses}
     return out
 
 
@@ -156,35 +171,47 @@ class Overlay:
     def __init__(self, ttl: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl = ttl
         self._clock = clock
-        self._entries: dict[tuple[str, str, str], _Entry] = {}
+        #: (kind, namespace) -> name -> entry: a reconcile looks at one namespace's children.
+        self._entries: dict[tuple[str, str], dict[str, _Entry]] = {}
+        self._last_expiry = clock()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(v) for v in self._entries.values())
+
+    def _put(self, kind: str, namespace: str, name: str, entry: _Entry) -> None:
+        self._entries.setdefault((kind, namespace), {})[name] = entry
+        if entry.at - self._last_expiry > self._ttl:
+            self.expire()
 
     def wrote(self, kind: str, obj: Mapping[str, Any]) -> None:
         """Record an object as returned by a create or patch."""
         m = meta(obj)
-        key = (kind, str(m.get("namespace")), str(m.get("name")))
-        self._entries[key] = _Entry(self._clock(), dict(obj), m.get("uid"), resource_version(obj))
+        self._put(kind, str(m.get("namespace")), str(m.get("name")),
+                  _Entry(self._clock(), dict(obj), m.get("uid"), resource_version(obj)))  # fmt: skip
 
     def deleted(self, kind: str, namespace: str, name: str, uid: str | None) -> None:
-        self._entries[(kind, namespace, name)] = _Entry(self._clock(), None, uid, None)
+        self._put(kind, namespace, name, _Entry(self._clock(), None, uid, None))
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
-        self._entries.pop((kind, namespace, name), None)
+        self._entries.get((kind, namespace), {}).pop(name, None)
 
     def expire(self) -> None:
         now = self._clock()
-        for key in [k for k, e in self._entries.items() if now - e.at > self._ttl]:
-            del self._entries[key]
+        self._last_expiry = now
+        for group_key, group in list(self._entries.items()):
+            for name in [n for n, e in group.items() if now - e.at > self._ttl]:
+                del group[name]
+            if not group:
+                del self._entries[group_key]
 
-    def _resolve(self, key: tuple[str, str, str], seen: Obj | None) -> Obj | None:
-        entry = self._entries.get(key)
-        if entry is None:
+    def _resolve(self, kind: str, namespace: str, name: str, seen: Obj | None) -> Obj | None:
+        group = self._entries.get((kind, namespace))
+        entry = group.get(name) if group else None
+        if entry is None or group is None:
             return seen
         if entry.obj is None:  # we deleted it
             if seen is None:
-                del self._entries[key]
+                del group[name]
                 return None
             if entry.uid is not None and meta(seen).get("uid") != entry.uid:
                 return seen  # a newer object under the same name
@@ -197,13 +224,13 @@ class Overlay:
             return entry.obj
         seen_rv, our_rv = resource_version(seen), entry.rv
         if meta(seen).get("uid") != entry.uid or seen_rv is None or our_rv is None or seen_rv >= our_rv:
-            del self._entries[key]  # the watch caught up (or the object was replaced)
+            del group[name]  # the watch caught up (or the object was replaced)
             return seen
         return entry.obj
 
     def one(self, kind: str, namespace: str, name: str, seen: Obj | None) -> Obj | None:
         """The freshest of the watched copy and our last write of one object."""
-        return self._resolve((kind, namespace, name), seen)
+        return self._resolve(kind, namespace, name, seen)
 
     def many(
         self, kind: str, namespace: str, seen: Iterable[Obj], belongs: Callable[[Obj], bool]
@@ -213,11 +240,11 @@ class Overlay:
         out: dict[str, Obj] = {}
         for obj in seen:
             name = str(meta(obj).get("name"))
-            resolved = self._resolve((kind, namespace, name), obj)
+            resolved = self._resolve(kind, namespace, name, obj)
             if resolved is not None:
                 out[name] = resolved
-        for (k, ns, name), entry in list(self._entries.items()):
-            if k == kind and ns == namespace and name not in out and entry.obj is not None and belongs(entry.obj):
+        for name, entry in list((self._entries.get((kind, namespace)) or {}).items()):
+            if name not in out and entry.obj is not None and belongs(entry.obj):
                 out[name] = entry.obj
         return [out[n] for n in sorted(out)]
 
@@ -339,3 +366,25 @@ def as_applied(body: Obj) -> Obj:
     if parsed is not None or not any(m in i.message for i in report.issues for m in _PRUNED_MESSAGES):
         return body
     return {**candidate, "status": body.get("status")} if "status" in body else candidate
+
+
+# --------------------------------------------------------------------------- status essence
+
+#: Status fields a reconcile decides on (phases, counters, identities, outputs, scores, which
+#: conditions hold). Everything else — messages, reasons, progress numbers, transition times —
+#: is narrative: it may be written a moment later without changing any decision.
+_ESSENTIAL = frozenset({
+    "phase", "observedGeneration", "attempt", "restarts", "disruptions", "fingerprint", "outputUri",
+    "checkpointUri", "startTime", "completionTime", "mergedModel", "branchesSucceeded", "headline",
+    "results", "jobName", "name", "branchJob", "type", "status",
+    "conditions", "branches", "merge", "evaluation",
+})  # fmt: skip
+
+
+def essence(value: Any) -> Any:
+    """The decision-relevant projection of a status (see _ESSENTIAL)."""
+    if isinstance(value, dict):
+        return {k: essence(v) for k, v in value.items() if k in _ESSENTIAL}
+    if isinstance(value, list):
+        return [essence(v) for v in value]
+    return value

@@ -7,6 +7,7 @@ the command runs, so `branchmerge validate` stays fast.
 from __future__ import annotations
 
 import argparse
+import logging
 
 from .cli import command
 
@@ -60,6 +61,10 @@ def cmd_operator(args: argparse.Namespace) -> int:
     )
     formats = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}
     kopf.configure(verbose=args.verbose, log_format=formats[args.log_format], log_refkey="object")
+    if not args.verbose:
+        # kopf logs every handler run at INFO ("Handler 'pod_event' succeeded") — one line per
+        # watch event. Our reconcilers log what matters (transitions, events, failures).
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kopf.run(
         clusterwide=clusterwide,
         namespaces=list(args.namespace),

@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -28,15 +29,17 @@ import kopf
 from pydantic import ValidationError
 
 from . import metrics, workloads
-from .api import BranchJob
+from .api import BranchJob, BranchJobStatus, Distillation, DistillationStatus, check_manifest
 from .conditions import Event, parse_time
 from .gang import BranchJobPlan, ObservedPod, plan_branchjob
 from .kube import ApiError, KubeClient
 from .observe import (
+    LAST_APPLIED,
     Obj,
     Overlay,
     ProgressCache,
     as_applied,
+    essence,
     job_pod_message,
     last_progress,
     merge_patch_into,
@@ -45,6 +48,7 @@ from .observe import (
     owner_view,
     rank0,
     redact,
+    resource_version,
 )
 from .pipeline import (
     Observed,
@@ -63,6 +67,13 @@ Key = tuple[str, str]  # (namespace, name)
 #: A Job that completed but whose pod result is not visible yet is waited for this long
 #: (its pod's final status usually arrives first; losing the scores would be sticky).
 RESULT_GRACE_SECONDS = 30.0
+#: How long a child's event waits for more before its parent reconciles (see Reconciler.trigger).
+DEBOUNCE_PARENT = 1.0
+DEBOUNCE_GANG = 0.3
+#: Narrative-only status changes are written at most this often per object.
+STATUS_MIN_INTERVAL = 2.0
+#: Validated specs kept (one per object generation).
+PARSE_CACHE_SIZE = 4096
 #: Error backoff of a failing reconcile: 1, 2, 4 … seconds, at most this.
 MAX_BACKOFF = 120.0
 
@@ -105,6 +116,7 @@ class _KeyState:
     dirty: bool = False
     failures: int = 0
     timer: asyncio.TimerHandle | None = None
+    due: float = 0.0  # loop time the timer fires at
 
 
 class Reconciler:
@@ -135,6 +147,9 @@ class Reconciler:
         if st.running:
             return None
         st.running = True
+        if st.timer is not None:  # reconciling now: a pending requeue is moot (the pass sets a new one)
+            st.timer.cancel()
+            st.timer = None
         error: BaseException | None = None
         try:
             while st.dirty:
@@ -165,15 +180,39 @@ class Reconciler:
         self.requeue(key, delay)
         return None
 
-    def trigger(self, key: Key) -> None:
-        """Fire and forget: a reconcile of ``key`` will start (or run once more) soon."""
+    def trigger(self, key: Key, debounce: float = 0.0) -> None:
+        """Fire and forget: a reconcile of ``key`` starts within ``debounce`` seconds (or the
+        running one goes once more). Children's events are debounced: a burst of them — a
+        gang's pods being scheduled and started, three branches finishing — folds into one
+        pass and one status write instead of one per event."""
         st = self._state(key)
         if st.running:
             st.dirty = True
             return
-        task = asyncio.get_running_loop().create_task(self.run(key))
+        loop = asyncio.get_running_loop()
+        if debounce > 0:
+            if st.timer is None or st.due > loop.time() + debounce:
+                self._schedule(key, st, debounce)
+            return
+        if st.timer is not None:
+            st.timer.cancel()
+            st.timer = None
+        task = loop.create_task(self.run(key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _schedule(self, key: Key, st: _KeyState, delay: float) -> None:
+        if st.timer is not None:
+            st.timer.cancel()
+        loop = asyncio.get_running_loop()
+        st.due = loop.time() + delay
+        st.timer = loop.call_later(delay, self._fire, key)
+
+    def _fire(self, key: Key) -> None:
+        st = self._states.get(key)
+        if st is not None:
+            st.timer = None
+        self.trigger(key)
 
     def requeue(self, key: Key, delay: float | None) -> None:
         """Replace the pending requeue of ``key`` (each pass recomputes it)."""
@@ -182,7 +221,7 @@ class Reconciler:
             st.timer.cancel()
             st.timer = None
         if delay is not None:
-            st.timer = asyncio.get_running_loop().call_later(max(0.05, delay), self.trigger, key)
+            self._schedule(key, st, max(0.05, delay))
 
     def forget(self, key: Key) -> None:
         st = self._states.pop(key, None)
@@ -221,8 +260,14 @@ class Runtime:
         self.indexes: dict[str, Any] = {}
         self.log_reader: LogReader = log_reader or config.log_reader or self._api_log
         self._log_failures: set[Key] = set()
-        self._active: dict[tuple[str, str, str], str] = {}
+        self._active: set[tuple[str, str, str]] = set()
+        self._active_counts: Counter[str] = Counter()
         self._phases: dict[tuple[str, str, str], str] = {}
+        self._phase_counts: Counter[tuple[str, str]] = Counter()
+        self._parsed: dict[Any, Distillation | BranchJob | bool] = {}
+        self._background: list[asyncio.Task[None]] = []
+        self._status_rv: dict[tuple[str, str, str], int] = {}
+        self._status_written: dict[tuple[str, str, str], float] = {}
         self.distillations = Reconciler("Distillation", self.reconcile_distillation)
         self.branchjobs = Reconciler("BranchJob", self.reconcile_branchjob)
 
@@ -240,6 +285,29 @@ class Runtime:
             return []
         store = idx.get(key)
         return list(store) if store is not None else []
+
+    def own_write(self, kind: str, namespace: str, name: str, body: Mapping[str, Any]) -> bool:
+        """Whether a watch event only echoes this object's own reconciler's last status write
+        (nothing new to reconcile). A creation by the parent is *not* an echo: the child's
+        reconciler has yet to see it."""
+        rv = resource_version(body)
+        return rv is not None and self._status_rv.get((kind, namespace, name)) == rv
+
+    def known(self, index: str) -> list[Key]:
+        """Keys of an index whose keys are (namespace, name)."""
+        idx = self.indexes.get(index)
+        return [k for k in (idx or {}) if isinstance(k, tuple) and len(k) == 2]
+
+    def known_branchjobs(self) -> list[Key]:
+        idx = self.indexes.get(IDX_BRANCHJOBS)
+        return [(k[1], k[2]) for k in (idx or {}) if isinstance(k, tuple) and len(k) == 3 and k[0] == "name"]
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A background task owned by this runtime (cancelled on close)."""
+        self._background.append(asyncio.get_running_loop().create_task(coro))
+
+    def branchjobs_of(self, namespace: str, distillation: str) -> list[str]:
+        return [str(meta(b).get("name")) for b in self._values(IDX_BRANCHJOBS, ("dist", namespace, distillation))]
 
     def _api(self) -> KubeClient:
         if self.client is None:
@@ -270,34 +338,42 @@ class Runtime:
     # ------------------------------------------------------------------ bookkeeping
 
     def _track(self, kind: str, key: Key, phase: str | None, active: dict[str, bool]) -> None:
+        """Keep the phase and active-stage gauges exact, in O(1) per reconcile."""
         ident = (kind, *key)
-        if phase is None:
-            self._phases.pop(ident, None)
-        else:
-            self._phases[ident] = phase
-        for stage, on in active.items():
-            sk = (f"{kind}:{stage}", *key)
-            if on:
-                self._active[sk] = stage
+        old = self._phases.get(ident)
+        if old != phase:
+            if old is not None:
+                self._phase_counts[(kind, old)] -= 1
+                metrics.PHASES.labels(kind, old).set(self._phase_counts[(kind, old)])
+            if phase is None:
+                self._phases.pop(ident, None)
             else:
-                self._active.pop(sk, None)
-        counts: dict[str, int] = {"branch": 0, "merge": 0, "eval": 0}
-        for stage in self._active.values():
-            counts[stage] = counts.get(stage, 0) + 1
-        for stage, n in counts.items():
-            metrics.ACTIVE_STAGES.labels(stage).set(n)
-        phases: dict[tuple[str, str], int] = {}
-        for (k, _, _), p in self._phases.items():
-            phases[(k, p)] = phases.get((k, p), 0) + 1
-        metrics.PHASES.clear()
-        for (k, p), n in phases.items():
-            metrics.PHASES.labels(k, p).set(n)
+                self._phases[ident] = phase
+                self._phase_counts[(kind, phase)] += 1
+                metrics.PHASES.labels(kind, phase).set(self._phase_counts[(kind, phase)])
+        for stage, on in active.items():
+            sk = (stage, *key)
+            if on and sk not in self._active:
+                self._active.add(sk)
+                self._active_counts[stage] += 1
+            elif not on and sk in self._active:
+                self._active.discard(sk)
+                self._active_counts[stage] -= 1
+            else:
+                continue
+            metrics.ACTIVE_STAGES.labels(stage).set(self._active_counts[stage])
 
     def _emit(self, body: Obj, events: Iterable[Event]) -> None:
+        """Post a plan's events; several with the same type and reason (three BranchJobs
+        created at once) become one event listing them — one API write instead of three."""
         if not self.config.post_events:
             return
         target = owner_view(body)
+        grouped: dict[tuple[str, str], list[str]] = {}
         for ev in events:
+            grouped.setdefault((ev.type, ev.reason), []).append(ev.message)
+        for (type_, reason), messages in grouped.items():
+            ev = Event(type_, reason, "; ".join(messages))  # type: ignore[arg-type]
             message = redact(ev.message, 1024) or ""
             metrics.EVENTS.labels(ev.type, ev.reason).inc()
             log.info("%s %s/%s: %s %s: %s", body.get("kind"), meta(body).get("namespace"), meta(body).get("name"),
@@ -312,6 +388,8 @@ class Runtime:
         except ApiError as e:
             if e.status == 409:  # created by an earlier pass or an earlier operator: fine
                 return
+            if e.status == 403 and "being terminated" in e.message:  # its namespace is going away
+                return
             raise
         self.overlay.wrote(kind, created)
 
@@ -319,15 +397,63 @@ class Runtime:
         await self._api().delete(kind, namespace, name, uid=uid, propagation="Background")
         self.overlay.deleted(kind, namespace, name, uid)
 
-    async def _write_status(self, kind: str, body: Obj, patch: dict[str, Any]) -> Obj:
-        """Patch the status subresource unless it would change nothing; returns the freshest body."""
+    async def _write_status(self, kind: str, body: Obj, patch: dict[str, Any]) -> tuple[Obj, float | None]:
+        """Patch the status subresource unless it would change nothing. Returns the freshest
+        body, and — when the write was deferred — in how many seconds to try again.
+
+        A change that is only narrative (messages, reasons, progress; see observe.essence)
+        within STATUS_MIN_INTERVAL of the previous write waits for the next pass: a gang going
+        Creating -> Starting -> Running in a second costs one write, not three. Anything a
+        decision depends on (phase, attempt, restarts, outputs, condition statuses) is
+        written at once, so the next plan never starts from a stale decision.
+        """
         current = body.get("status") or {}
-        if merge_patch_into(current, patch) == current:
-            return body
+        after = merge_patch_into(current, patch)
+        if after == current:
+            return body, None
         m = meta(body)
-        fresh = await self._api().merge_patch(kind, str(m["namespace"]), str(m["name"]), {"status": patch}, subresource="status")
+        key = (kind, str(m["namespace"]), str(m["name"]))
+        now = asyncio.get_running_loop().time()
+        since = now - self._status_written.get(key, float("-inf"))
+        if current and since < STATUS_MIN_INTERVAL and essence(after) == essence(current):
+            return body, STATUS_MIN_INTERVAL - since
+        fresh = await self._api().merge_patch(kind, key[1], key[2], {"status": patch}, subresource="status")
+        self._status_written[key] = asyncio.get_running_loop().time()
         self.overlay.wrote(kind, fresh)
-        return fresh
+        rv = resource_version(fresh)
+        if rv is not None:
+            self._status_rv[key] = rv
+        return fresh, None
+
+    # ------------------------------------------------------------------ parsing
+
+    def _model(self, body: Obj) -> Distillation | BranchJob | Obj:
+        """The object to plan with: a validated model (cached per uid, generation and applied
+        configuration — validating a spec was most of a reconcile's CPU time, and a spec only
+        changes with the generation), or the raw object when it is invalid, so that the planner
+        reports it as Stalled."""
+        m = meta(body)
+        annotations = m.get("annotations") or {}
+        labels = m.get("labels") or {}
+        key = (body.get("kind"), m.get("uid"), m.get("generation"), hash(annotations.get(LAST_APPLIED)),
+               hash(tuple(sorted(labels.items()))))  # fmt: skip
+        parsed = self._parsed.get(key)
+        if parsed is None:
+            raw = as_applied(body)
+            model, _ = check_manifest({k: v for k, v in raw.items() if k != "status"})
+            parsed = model if raw is body and model is not None else False
+            if len(self._parsed) >= PARSE_CACHE_SIZE:
+                self._parsed.pop(next(iter(self._parsed)))
+            self._parsed[key] = parsed
+        if parsed is False:
+            return as_applied(body)
+        assert isinstance(parsed, Distillation | BranchJob)
+        status_type = DistillationStatus if isinstance(parsed, Distillation) else BranchJobStatus
+        try:
+            status: Any = status_type.model_validate(body.get("status") or {})
+        except ValidationError:  # read leniently, as the planner does: rebuilt on the next write
+            status = status_type()
+        return parsed.model_copy(update={"status": status})
 
     # ------------------------------------------------------------------ Distillation
 
@@ -367,18 +493,18 @@ class Runtime:
         body = self._latest("Distillation", IDX_DISTILLATIONS, key, key)
         if body is None or meta(body).get("deletionTimestamp"):
             self._track("Distillation", key, None, {"merge": False, "eval": False})
+            self._status_rv.pop(("Distillation", *key), None)
+            self._status_written.pop(("Distillation", *key), None)
             self.distillations.forget(key)
             return None
         now = self.clock()
         observed, children, wait = self.observe_distillation(key, body, now)
-        plan = plan_distillation(as_applied(body), observed, now)
-        await self.apply_distillation(body, plan, children)
-        delay = plan.requeue_after
-        if wait is not None:
-            delay = wait if delay is None else min(delay, wait)
-        return delay
+        plan = plan_distillation(self._model(body), observed, now)  # type: ignore[arg-type]
+        deferred = await self.apply_distillation(body, plan, children)
+        return _soonest(plan.requeue_after, wait, deferred)
 
-    async def apply_distillation(self, body: Obj, plan: Plan, children: Mapping[str, Obj]) -> None:
+    async def apply_distillation(self, body: Obj, plan: Plan, children: Mapping[str, Obj]) -> float | None:
+        """Apply a plan; returns a requeue delay when the status write was deferred."""
         ns = str(meta(body)["namespace"])
         for ref in plan.delete:
             uid = meta(children.get(ref.name) or {}).get("uid")
@@ -399,8 +525,9 @@ class Runtime:
                 continue
             self.overlay.wrote(p.kind, patched)
         before = body.get("status") or {}
-        fresh = await self._write_status("Distillation", body, plan.status_patch())
-        self._emit(fresh, plan.events)
+        fresh, deferred = await self._write_status("Distillation", body, plan.status_patch())
+        if deferred is None:  # events describe the transition the written status records
+            self._emit(fresh, plan.events)
         status = plan.status
         self._observe_stage_durations(before, status.model_dump(by_alias=True, mode="json"), children)
         self._track(
@@ -412,6 +539,7 @@ class Runtime:
                 "eval": bool(status.evaluation and status.evaluation.phase == "Running"),
             },
         )
+        return deferred
 
     def _observe_stage_durations(self, before: Mapping[str, Any], after: Mapping[str, Any], children: Mapping[str, Obj]) -> None:
         """Merge/eval durations from their Jobs' start and completion, once per transition."""
@@ -435,6 +563,8 @@ class Runtime:
         body = self._latest("BranchJob", IDX_BRANCHJOBS, ("name", ns, name), key)
         if body is None or meta(body).get("deletionTimestamp"):
             self._track("BranchJob", key, None, {"branch": False})
+            self._status_rv.pop(("BranchJob", *key), None)
+            self._status_written.pop(("BranchJob", *key), None)
             self.progress.drop(key)
             self.branchjobs.forget(key)
             return None
@@ -442,35 +572,41 @@ class Runtime:
         attempt = int((body.get("status") or {}).get("attempt") or 0)
         uid0, progress = await self._rank0_progress(key, pods, attempt)
         observed = [ObservedPod.from_object(p, progress if uid0 and meta(p).get("uid") == uid0 else None) for p in pods]
-        plan = plan_branchjob(as_applied(body), observed, self.clock())
-        await self.apply_branchjob(body, plan, {str(meta(p)["name"]): p for p in pods})
-        delay = plan.requeue_after
-        if plan.status.phase == "Running":
-            delay = min(delay or self.config.progress_interval, self.config.progress_interval)
-        return delay
+        model = self._model(body)
+        plan = plan_branchjob(model, observed, self.clock())  # type: ignore[arg-type]
+        deferred = await self.apply_branchjob(body, plan, {str(meta(p)["name"]): p for p in pods},
+                                              model if isinstance(model, BranchJob) else None)
+        poll = self.config.progress_interval if plan.status.phase == "Running" else None
+        return _soonest(plan.requeue_after, poll, deferred)
 
-    async def apply_branchjob(self, body: Obj, plan: BranchJobPlan, pods: Mapping[str, Obj]) -> None:
+    async def apply_branchjob(
+        self, body: Obj, plan: BranchJobPlan, pods: Mapping[str, Obj], model: BranchJob | None = None
+    ) -> float | None:
+        """Apply a plan; returns a requeue delay when the status write was deferred."""
         ns, name = str(meta(body)["namespace"]), str(meta(body)["name"])
         await _gather(self._delete("Pod", ns, p, meta(pods.get(p) or {}).get("uid")) for p in plan.delete_pods)
         if plan.delete_service and plan.service is None:
             await self._delete("Service", ns, name, None)
+        creates: list[Awaitable[None]] = []
         if plan.service is not None:
-            await self._create("Service", ns, workloads.gang_service(plan.service, namespace=ns), body)
+            creates.append(self._create("Service", ns, workloads.gang_service(plan.service, namespace=ns), body))
         if plan.create_pods and plan.stage is not None:
-            try:
-                spec = BranchJob.model_validate({k: v for k, v in body.items() if k != "status"}).spec
-            except ValidationError as e:  # the planner validated it; a race with an edit
-                raise kopf.TemporaryError(f"BranchJob changed while reconciling: {e}", delay=1) from e
-            settings = workloads.settings_for_branchjob(spec)
+            if model is None:  # the planner created pods, so the spec was valid
+                raise kopf.TemporaryError("BranchJob spec not parsed; retrying", delay=1)
+            settings = workloads.settings_for_branchjob(model.spec)
             stage = plan.stage
-            # The whole gang at once: a half-created gang would hold GPUs waiting for the rest.
-            await _gather(
+            creates += [
                 self._create("Pod", ns, workloads.gang_pod(gp, namespace=ns, stage=stage, settings=settings), body)
                 for gp in plan.create_pods
-            )
+            ]
+        # The whole gang and its Service at once: a half-created gang would hold GPUs waiting
+        # for the rest, and DNS for the ranks exists as soon as both exist (well before any
+        # container starts).
+        await _gather(creates)
         before = body.get("status") or {}
-        fresh = await self._write_status("BranchJob", body, plan.status_patch())
-        self._emit(fresh, plan.events)
+        fresh, deferred = await self._write_status("BranchJob", body, plan.status_patch())
+        if deferred is None:
+            self._emit(fresh, plan.events)
         after = plan.status
         restarts = after.restarts - int(before.get("restarts") or 0)
         disruptions = after.disruptions - int(before.get("disruptions") or 0)
@@ -485,12 +621,22 @@ class Runtime:
                 metrics.STAGE_SECONDS.labels("branch", after.phase).observe(max(0.0, (end - start).total_seconds()))
         self._track("BranchJob", (ns, name), after.phase,
                     {"branch": after.phase in ("Pending", "Running", "Restarting")})  # fmt: skip
+        return deferred
 
     async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
         await self.distillations.close()
         await self.branchjobs.close()
         if self.client is not None:
             await self.client.close()
+
+
+def _soonest(*delays: float | None) -> float | None:
+    given = [d for d in delays if d is not None]
+    return min(given) if given else None
 
 
 async def _gather(aws: Iterable[Awaitable[None]]) -> None:

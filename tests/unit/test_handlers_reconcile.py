@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from branchmerge_operator import observe
 from branchmerge_operator.kube import ApiError, _resource_label
 from branchmerge_operator.observe import Overlay, ProgressCache, as_applied, last_progress, redact
@@ -162,6 +163,11 @@ def test_new_distillation_creates_owned_branchjobs_and_writes_status_once() -> N
         assert status["phase"] == "Pending" and status["observedGeneration"] == 1
         assert {c["type"] for c in status["conditions"]} >= {"Ready", "Reconciling", "Stalled"}
 
+        # The children's ADDED events are not mistaken for echoes of the children's own writes.
+        bj_body = client.objects[("BranchJob", "ns", "tiny-math")]
+        assert not rt.own_write("BranchJob", "ns", "tiny-math", bj_body)
+        dist_body = client.objects[("Distillation", "ns", "tiny")]
+        assert rt.own_write("Distillation", "ns", "tiny", dist_body)  # our status patch echoed
         # Before the watch delivers anything, a second pass sees its own writes: no writes.
         client.writes.clear()
         await rt.reconcile_distillation(("ns", "tiny"))
@@ -285,6 +291,30 @@ def test_gang_created_whole_then_restarted_whole_on_failure() -> None:
     asyncio.run(go())
 
 
+def test_narrative_status_changes_are_rate_limited_decisions_are_not() -> None:
+    async def go() -> None:
+        client, now = FakeClient(), [NOW]
+        rt, idx = make_runtime(client, now)
+        client.objects[("Distillation", "ns", "tiny")] = distillation_body()
+        sync_indexes(client, idx)
+        await rt.reconcile_distillation(("ns", "tiny"))
+        sync_indexes(client, idx)
+        await rt.reconcile_branchjob(("ns", "tiny-code"))  # gang created: status "Creating"
+        sync_indexes(client, idx)
+        client.objects[("Pod", "ns", "tiny-code-0")]["status"] = pod_status("Pending")
+        sync_indexes(client, idx)
+        client.writes.clear()
+        delay = await rt.reconcile_branchjob(("ns", "tiny-code"))  # "Starting": narrative only
+        assert client.writes == [] and delay is not None and delay <= 2.0
+        client.objects[("Pod", "ns", "tiny-code-0")]["status"] = pod_status("Running")
+        sync_indexes(client, idx)
+        await rt.reconcile_branchjob(("ns", "tiny-code"))  # Running: a new phase, written at once
+        assert client.writes == [("patch/status", "BranchJob", "tiny-code")]
+        assert client.objects[("BranchJob", "ns", "tiny-code")]["status"]["phase"] == "Running"
+
+    asyncio.run(go())
+
+
 def test_unreadable_logs_keep_reconciling() -> None:
     async def go() -> None:
         client, now = FakeClient(), [NOW]
@@ -332,6 +362,30 @@ def test_reconciler_coalesces_a_burst_into_one_more_pass_and_backs_off_on_errors
         error = await r.run(("ns", "a"))
         assert isinstance(error, RuntimeError)
         assert r._states[("ns", "a")].timer is not None  # a backoff requeue is scheduled
+        await r.close()
+
+    asyncio.run(go())
+
+
+def test_debounced_triggers_fold_into_one_pass() -> None:
+    async def go() -> None:
+        calls: list[float] = []
+
+        async def fn(key: tuple[str, str]) -> float | None:
+            calls.append(asyncio.get_running_loop().time())
+            return None
+
+        r = Reconciler("Test", fn)
+        start = asyncio.get_running_loop().time()
+        for _ in range(20):
+            r.trigger(("ns", "a"), debounce=0.2)
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.4)
+        assert len(calls) == 1 and calls[0] - start >= 0.2
+        r.trigger(("ns", "a"), debounce=5.0)
+        r.trigger(("ns", "a"))  # an immediate trigger does not wait for the debounced one
+        await asyncio.sleep(0.05)
+        assert len(calls) == 2
         await r.close()
 
     asyncio.run(go())

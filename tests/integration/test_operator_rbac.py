@@ -1,0 +1,92 @@
+"""The operator runs a whole Distillation with exactly the RBAC that ships
+(manifests/rbac/cluster-wide/clusterrole.yaml), as a ServiceAccount — no Secrets access, no
+write access beyond what the ClusterRole grants; any missing verb would show up as a 403."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from tests.cluster import Cluster, ProcessKubelet
+from tests.operator_kit import REPO, Api, FakeStages, OperatorProcess, apply, describe, install_crds, wait_for
+
+pytestmark = [pytest.mark.cluster]
+
+
+def service_account_kubeconfig(cluster: Cluster, k8s_api: Any, ns: str, role_name: str, path: Path) -> Path:
+    """A ServiceAccount bound to a copy of the shipped ClusterRole, and a kubeconfig with its token."""
+    core = client.CoreV1Api(k8s_api)
+    rbac = client.RbacAuthorizationV1Api(k8s_api)
+    core.create_namespaced_service_account(ns, {"metadata": {"name": "operator"}})
+    role = yaml.safe_load((REPO / "manifests/rbac/cluster-wide/clusterrole.yaml").read_text())
+    role["metadata"]["name"] = role_name
+    rbac.create_cluster_role(role)
+    rbac.create_cluster_role_binding({
+        "metadata": {"name": role_name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name},
+        "subjects": [{"kind": "ServiceAccount", "name": "operator", "namespace": ns}],
+    })
+    secret_name = wait_for("ServiceAccount token", lambda: (
+        (sa := core.read_namespaced_service_account("operator", ns)).secrets and sa.secrets[0].name), 30)
+    token = base64.b64decode(core.read_namespaced_secret(secret_name, ns).data["token"]).decode()
+    ca = base64.b64encode(Path(cluster.ca).read_bytes()).decode()
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{"name": "c", "cluster": {"server": cluster.server, "certificate-authority-data": ca}}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "operator"}}],
+    }))
+    return path
+
+
+def test_operator_runs_a_distillation_with_the_shipped_cluster_role(
+    cluster: Cluster, k8s_api: Any, namespace: str, node_factory: Callable[..., ProcessKubelet], tmp_path: Path
+) -> None:
+    install_crds(cluster)
+    api, ns = Api(k8s_api), namespace
+    stages = FakeStages(tmp_path / "fake")
+    node_factory("rbac-node", gpus=0, labels={"pool": "rbac"}, extra_env=stages.env())
+    client.CoreV1Api(k8s_api).patch_node("rbac-node", {"spec": {"taints": [
+        {"key": "pool", "value": "rbac", "effect": "NoSchedule"}]}})
+    role = f"bm-operator-{ns}"[:63]
+    kubeconfig = service_account_kubeconfig(cluster, k8s_api, ns, role, tmp_path / "kubeconfig")
+    here = {"nodeSelector": {"pool": "rbac"}, "tolerations": [{"key": "pool", "operator": "Exists"}]}
+    op = OperatorProcess(cluster, tmp_path / "operator.log", kubeconfig=kubeconfig).start()
+    try:
+        apply(cluster, ns, {
+            "apiVersion": "branchmerge.io/v1alpha1", "kind": "Distillation", "metadata": {"name": "rbac"},
+            "spec": {
+                "student": {"uri": "s3://fake/student"},
+                "output": {"uri": "s3://fake/rbac", "credentialsSecret": "creds"},
+                "branches": [{"name": b, "datasets": [{"uri": f"s3://fake/{b}.jsonl"}],
+                              "training": {"globalBatchSize": 1}, "resources": {"gpusPerNode": 0, **here}}
+                             for b in ("math", "code")],
+                "merge": {"resources": here},
+                "eval": {"benchmarks": [{"name": "arith", "kind": "math", "uri": "s3://fake/b.jsonl"}],
+                         "resources": here},
+            },
+        })
+        # The operator never reads the Secret: only the (fake) kubelet does, for the pods.
+        client.CoreV1Api(k8s_api).create_namespaced_secret(ns, {
+            "metadata": {"name": "creds"}, "stringData": {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}})
+        debug = lambda: describe(api, ns) + "\n--- operator ---\n" + op.tail(40)  # noqa: E731
+        wait_for("Succeeded", lambda: api.phase("distillations", ns, "rbac") == "Succeeded", 120, debug=debug)
+        st = api.get("distillations", ns, "rbac")["status"]
+        assert st["evaluation"]["results"] and st["branchesSucceeded"] == "2/2"
+        assert [e for e in api.events(ns) if e.involved_object.name == "rbac" and e.reason == "Succeeded"]
+        api.delete("distillations", ns, "rbac")  # kopf removes its finalizer: a patch the role allows
+        wait_for("deleted with its children", lambda: api.get("distillations", ns, "rbac") is None
+                 and not api.list("branchjobs", ns), 60, debug=debug)
+        assert "403" not in op.log() and "Forbidden" not in op.log(), op.tail(80)
+    finally:
+        op.stop()
+        rbac = client.RbacAuthorizationV1Api(k8s_api)
+        rbac.delete_cluster_role_binding(role)
+        rbac.delete_cluster_role(role)
