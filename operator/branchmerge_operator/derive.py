@@ -180,6 +180,8 @@ def _merge_stage(dist: Distillation, branches: dict[str, SFTStage]) -> MergeStag
         out_dtype=merge.out_dtype,
         tokenizer_source=tokenizer,
         seed=merge.seed,
+        # Branch outputs are ours: refuse them unless committed. The student may be a plain HF dir.
+        committed_models=sorted(n for n in models if n != "student"),
     )
 
 
