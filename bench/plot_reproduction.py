@@ -71,7 +71,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{n['steps_per_specialist']} optimizer steps × batch {n['global_batch_size']} per specialist. "
         f"Student pre-training: {meta['inputs']['pretrain_cpu_seconds'] or 0:.0f} CPU-s (not counted in the rows). "
         f"Load average at start / end: {meta['load_average_start'][0]} / {meta['load_average_end'][0]} on "
-        f"{meta['cpus']} cores; this invocation took {meta['wall_seconds_this_invocation'] / 60:.1f} min wall.",
+        f"{meta['cpus']} cores; the runs took "
+        f"{sum(i['wall_seconds_this_invocation'] or 0 for i in meta.get('invocations', [meta])) / 60:.1f} min wall, "
+        f"{meta['stage_cpu_seconds_total']:.0f} CPU-s in {meta.get('stages', '?')} stage processes.",
         "",
         "| model | math (ours) | code (ours) | science (ours) | train CPU-s | eval CPU-s / model "
         "| AIME24 (paper) | LCB (paper) | GPQA-D (paper) |",
@@ -82,24 +84,30 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         paper = PAPER_TABLE2[row]
         cells = " | ".join(_cell(summary, row, d) for d in DOMAINS)
-        cpu = f"{_cpu(summary, row, 'train_cpu_seconds')} | {_cpu(summary, row, 'eval_cpu_seconds_per_model')}"
+        cpu = (
+            f"{_cpu(summary, row, 'train_cpu_seconds')} | {_cpu(summary, row, 'eval_cpu_seconds_per_model')}"
+        )
         lines.append(f"| {row} | {cells} | {cpu} | {' | '.join(paper)} |")
     methods = [m for m in PAPER_ABLATION if f"math + science: {m}" in summary]
     if methods:
         lines += [
             "",
             "| math + science merged with | math (ours) | code (ours) | science (ours) | merge CPU-s "
-            "| GPQA-D (paper) |",
-            "|---|---|---|---|---|---|",
+            "| elements from the fused-in model | GPQA-D (paper) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in ("math specialist", "science specialist"):
             if row in summary:
                 cells = " | ".join(_cell(summary, row, d) for d in DOMAINS)
-                lines.append(f"| ({row}, not merged) | {cells} | – | 63.6 (each specialist) |")
+                lines.append(f"| ({row}, not merged) | {cells} | – | – | 63.6 (each specialist) |")
         for m in methods:
             row = f"math + science: {m}"
             cells = " | ".join(_cell(summary, row, d) for d in DOMAINS)
-            lines.append(f"| {m} | {cells} | {_cpu(summary, row, 'merge_cpu_seconds')} | {PAPER_ABLATION[m]} |")
+            fused = summary[row]["compute"].get("fused_fraction_per_step")
+            share = f"{100 * fused:.1f}%" if fused is not None else "–"
+            lines.append(
+                f"| {m} | {cells} | {_cpu(summary, row, 'merge_cpu_seconds')} | {share} | {PAPER_ABLATION[m]} |"
+            )
     return "\n".join(lines) + "\n"
 
 

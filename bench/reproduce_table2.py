@@ -142,7 +142,7 @@ _STUDY_DEMO = DemoConfig(
 FULL = Profile(
     name="full",
     demo=_STUDY_DEMO,
-    steps_per_specialist=400,
+    steps_per_specialist=200,
     sft_seeds=(0, 1),
     eval_seeds=(0, 1),
     max_new_tokens={"math": 40, "code": 64, "science": 40},
@@ -500,6 +500,8 @@ def collect(
         names = rows_of(file)
         branch_cpu = {n[len("branch-") :]: cpu(u) for n, u in stages.items() if n.startswith("branch-")}
         merge_cpu = cpu(stages["merge"])
+        merge_metrics = (runs[stages["merge"]].result or {}).get("metrics", {})
+        fused = [v for k, v in merge_metrics.items() if k.startswith("fused_fraction.")]
         eval_cpu = cpu(stages["eval"])
         n_eval_models = len({s["model"] for s in result.get("scores", [])}) or 1
         for score in result.get("scores", []):
@@ -535,6 +537,9 @@ def collect(
             c["train_cpu_seconds"].append(train)
             if model == "merged" and merge_cpu is not None:
                 c["merge_cpu_seconds"].append(merge_cpu)
+            if model == "merged" and fused:
+                # Arcee Fusion: fraction of elements taken from the fused-in model, per step
+                c.setdefault("fused_fraction_per_step", []).append(statistics.fmean(fused))
             if eval_cpu is not None:
                 c["eval_cpu_seconds_per_model"].append(eval_cpu / n_eval_models)
     table: dict[str, dict[str, Any]] = {}
@@ -654,8 +659,12 @@ def main(argv: list[str] | None = None) -> int:
         "demo": asdict(p.demo),
         "inputs": inputs,
         "wall_seconds_this_invocation": round(wall, 1),
-        "stage_cpu_seconds_total": round(sum(runner.ledger.get(k, {}).get("cpu_seconds", 0.0) for k in runs), 1),
-        "stage_wall_seconds_total": round(sum(runner.ledger.get(k, {}).get("wall_seconds", 0.0) for k in runs), 1),
+        "stage_cpu_seconds_total": round(
+            sum(runner.ledger.get(k, {}).get("cpu_seconds", 0.0) for k in runs), 1
+        ),
+        "stage_wall_seconds_total": round(
+            sum(runner.ledger.get(k, {}).get("wall_seconds", 0.0) for k in runs), 1
+        ),
         "stages": len(runs),
         "stages_run_this_invocation": todo,
         "load_average_start": [round(x, 2) for x in load0],
@@ -667,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{p.name}.json"
+    report["meta"]["invocations"] = _invocations(out, report["meta"])
     out.write_text(json.dumps(report, indent=1, default=str))
     print_table(report)
     print(f"wrote {out} in {wall / 60:.1f} min")
@@ -676,6 +686,24 @@ def main(argv: list[str] | None = None) -> int:
         for path in plot(out, args.out):
             print(f"wrote {path}")
     return 0
+
+
+def _invocations(out: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """This invocation appended to those recorded in an earlier results file of the same
+    settings, so a rerun that only re-reads cached stages keeps the wall time of the runs."""
+    keys = (
+        "wall_seconds_this_invocation",
+        "stages_run_this_invocation",
+        "load_average_start",
+        "load_average_end",
+    )
+    this = {k: meta.get(k) for k in keys}
+    if not out.exists():
+        return [this]
+    old = json.loads(out.read_text()).get("meta", {})
+    if old.get("settings") != meta["settings"]:
+        return [this]
+    return [*old.get("invocations", [{k: old.get(k) for k in keys}]), this]
 
 
 def print_table(report: dict[str, Any]) -> None:
