@@ -81,9 +81,16 @@ def test_greedy_outputs_identical_to_transformers(model: Any, tok: Any) -> None:
     rnd = random.Random(1)
     lengths = {p: rnd.choice([0, 1, 3, 7, 12, 100]) for p in prompts}  # 100 > limit: runs to the end
     requests = [GenerationRequest(p, 20) for p in prompts]
+    hook = _eos_hook(tok.eos_token_id, lengths)
     # headroom 4 forces the cache to compact and grow while rows come and go
-    outs = {name: g.generate(requests) for name, g in _engines(model, tok, _eos_hook(tok.eos_token_id, lengths), headroom=4).items()}
+    outs = {name: g.generate(requests) for name, g in _engines(model, tok, hook, headroom=4).items()}
     assert outs["ours"] == outs["batched"] == outs["naive"]
+    # attention per group of 2 slots, slots re-sorted by age at every step
+    grouped = ContinuousBatchingGenerator(
+        model, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, logits_hook=hook,
+        max_batch=6, attention_group=2, regroup_every=1,
+    ).generate(requests)  # fmt: skip
+    assert grouped == outs["naive"]
     for p, o in zip(prompts, outs["ours"], strict=True):
         assert len(o.token_ids) == min(lengths[p], 20)
         assert o.finish_reason == ("length" if lengths[p] >= 20 else "stop")

@@ -40,6 +40,9 @@ LogitsHook = Callable[[Sequence[Sequence[int]], Sequence[int], torch.Tensor], to
 
 OnDone = Callable[[int, "GenerationOutput"], None]
 
+#: ``attend(layer, q, k, v, scale) -> attention output``: stores the new keys/values and attends.
+_Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -303,8 +306,8 @@ class _SlotCache:
         self.start = [x + shift for x in self.start]
         self.end += shift
 
-    def keep(self, slots: list[int]) -> None:
-        """Drop all other slots (the batch shrinks once the queue is empty)."""
+    def select(self, slots: Sequence[int]) -> None:
+        """Keep these slots, in this order (to shrink the batch, or to sort it by age)."""
         index = torch.tensor(slots, device=self.k[0].device)
         self.k = [b.index_select(0, index) for b in self.k]
         self.v = [b.index_select(0, index) for b in self.v]
@@ -331,11 +334,16 @@ class ContinuousBatchingGenerator(Generator):
         max_context: int | None = None,
         headroom: int = 256,
         admit_group: int = 1,
+        attention_group: int = 8,
+        regroup_every: int = 16,
     ) -> None:
         """``headroom``: K/V columns allocated beyond the first prompts; the cache grows
         (doubling) or compacts when it runs out, so this only trades memory for copies.
         ``admit_group``: refill once this many slots are free (1: at once; measured no
-        faster grouped on CPU, where prefill is compute-bound)."""
+        faster grouped on CPU, where prefill is compute-bound).
+        ``attention_group`` / ``regroup_every``: decode attention runs per group of this many
+        slots, each over its own oldest row's span; every ``regroup_every`` steps the slots
+        are re-sorted by age when that shortens the spans enough."""
         check_supported(model)
         self.model = model.eval()
         self.inner = model.model
@@ -345,6 +353,9 @@ class ContinuousBatchingGenerator(Generator):
         self.hook = logits_hook
         self.headroom = max(1, headroom)
         self.admit_group = max(1, min(admit_group, max_batch))
+        self.attention_group = max(1, attention_group)
+        self.regroup_every = max(1, regroup_every)
+        self._steps = 0
         config = model.config
         self.max_context = max_context or int(getattr(config, "max_position_embeddings", 1 << 30))
         attn = self.inner.layers[0].self_attn
@@ -355,15 +366,9 @@ class ContinuousBatchingGenerator(Generator):
 
     # -- the model, with our attention ------------------------------------------------
 
-    def _forward(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        mask: torch.Tensor,
-        kv: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    ) -> torch.Tensor:
-        """Logits of the last position of each row. ``kv(layer, k, v)`` stores the new keys
-        and values and returns the keys/values to attend over."""
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: _Attend) -> torch.Tensor:
+        """Logits of the last position of each row. ``attend(layer, q, k, v, scale)`` stores
+        the new keys and values and returns the attention output."""
         x = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(x, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -379,8 +384,7 @@ class ContinuousBatchingGenerator(Generator):
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys, values = kv(i, k, v)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+            o = attend(i, q, k, v, attn.scaling)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(n, t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = self.inner.norm(x[:, -1])
@@ -393,6 +397,7 @@ class ContinuousBatchingGenerator(Generator):
         results: list[GenerationOutput | None] = [None] * len(requests)
         if not requests:
             return []
+        self._steps = 0
         # Longest prompts first: admitted groups have similar lengths (little padding in
         # prefill) and later prompts always fit left of the cache's end (no shifting).
         # Samples of one prompt stay adjacent, so they share one prefill.
@@ -421,10 +426,9 @@ class ContinuousBatchingGenerator(Generator):
             if not live:
                 break
             if not queue and len(live) <= len(slots) // 2:
-                cache.keep(live)  # shrink the batch: stop computing empty slots
+                cache.select(live)  # shrink the batch: stop computing empty slots
                 slots = [slots[s] for s in live]
-                live = list(range(len(slots)))
-            self._decode(slots, live, cache, max_capacity, done)
+            self._decode(slots, cache, max_capacity, done)
         return [r for r in results if r is not None]
 
     def _admit(
@@ -486,13 +490,15 @@ class ContinuousBatchingGenerator(Generator):
         shared = n < len(rows)
         lo = cache.end - width
 
-        def kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn_mask = mask[:, None].to(self.device)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
             rk, rv = (k.index_select(0, source), v.index_select(0, source)) if shared else (k, v)
             cache.k[layer][:, :, lo : cache.end].index_copy_(0, index, rk)
             cache.v[layer][:, :, lo : cache.end].index_copy_(0, index, rv)
-            return k, v
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=True)
 
-        logits = self._forward(ids.to(self.device), positions.to(self.device), mask[:, None].to(self.device), kv)
+        logits = self._forward(ids.to(self.device), positions.to(self.device), attend)
         if shared:
             logits = logits.index_select(0, source)
         for s, row in zip(targets, rows, strict=True):
@@ -503,41 +509,88 @@ class ContinuousBatchingGenerator(Generator):
     def _decode(
         self,
         slots: list[_Row | None],
-        live: list[int],
         cache: _SlotCache,
         max_capacity: int,
         done: Callable[[_Row, Literal["stop", "length"]], None],
     ) -> None:
         """One token for every slot."""
+        live = [s for s, r in enumerate(slots) if r is not None]
         cache.reserve(live, 1, max_capacity)
         col = cache.end
-        n = len(slots)
-        tokens = [self.pad] * n
-        positions = [0] * n
-        for s in range(n):
-            row = slots[s]
+        for s, row in enumerate(slots):
             if row is None:
                 cache.start[s] = col  # an empty slot attends to its own column only
-            else:
-                tokens[s] = row.generated[-1]
-                positions[s] = len(row.prompt) + len(row.generated) - 1
-        # Attend over the live window only: columns left of every live row's start belong
-        # to rows that already finished.
-        lo = min(cache.start[s] for s in live)
-        start = torch.tensor(cache.start, device=self.device)
-        mask = (torch.arange(lo, col + 1, device=self.device)[None, :] >= start[:, None])[:, None, None, :]
+        self._steps += 1
+        if self._steps % self.regroup_every == 0:
+            self._sort_by_age(slots, cache, col)
+            live = [s for s, r in enumerate(slots) if r is not None]
+        tokens = [self.pad] * len(slots)
+        positions = [0] * len(slots)
+        for s in live:
+            row = slots[s]
+            assert row is not None
+            tokens[s] = row.generated[-1]
+            positions[s] = len(row.prompt) + len(row.generated) - 1
+        groups = self._attention_groups(cache.start, col)
 
-        def kv(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            cache.k[layer][:, :, col : col + 1] = k
-            cache.v[layer][:, :, col : col + 1] = v
-            return cache.k[layer][:, :, lo : col + 1], cache.v[layer][:, :, lo : col + 1]
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+            keys, values = cache.k[layer], cache.v[layer]
+            keys[:, :, col : col + 1] = k
+            values[:, :, col : col + 1] = v
+            outs = [
+                F.scaled_dot_product_attention(
+                    q[a:b],
+                    keys[a:b, :, lo : col + 1],
+                    values[a:b, :, lo : col + 1],
+                    attn_mask=mask,
+                    scale=scale,
+                    enable_gqa=True,
+                )
+                for a, b, lo, mask in groups
+            ]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         ids = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(positions, device=self.device)[:, None]
-        logits = self._forward(ids, pos, mask, kv)
+        logits = self._forward(ids, pos, attend)
         cache.end = col + 1
         rows = [slots[s] for s in live]
         self._advance([r for r in rows if r is not None], live, logits[live], slots, done)
+
+    def _attention_groups(self, starts: Sequence[int], col: int) -> list[tuple[int, int, int, torch.Tensor]]:
+        """Slot ranges ``[a, b)``, the first column ``lo`` each attends from, and their masks.
+
+        Rows are right-aligned, so one attention call over all slots spans the *oldest* row's
+        length for every row; with a few long responses most of that is masked padding.
+        Contiguous groups of slots (kept roughly sorted by age, see :meth:`_sort_by_age`)
+        each attend over their own oldest row's span instead — views, no copies.
+        """
+        n, size = len(starts), self.attention_group
+        spans = [(a, min(a + size, n), min(starts[a : a + size])) for a in range(0, n, size)]
+        grouped = sum((b - a) * (col + 1 - lo) for a, b, lo in spans)
+        if len(spans) == 1 or grouped > 0.8 * n * (col + 1 - min(starts)):
+            spans = [(0, n, min(starts))]  # not worth the extra calls
+        start = torch.tensor(starts, device=self.device)
+        return [
+            (a, b, lo, (torch.arange(lo, col + 1, device=self.device)[None, :] >= start[a:b, None])[:, None, None, :])
+            for a, b, lo in spans
+        ]
+
+    def _sort_by_age(self, slots: list[_Row | None], cache: _SlotCache, col: int) -> None:
+        """Reorder slots oldest first (empty ones last) when that shrinks the attention spans
+        of :meth:`_attention_groups` enough to pay for moving the cache rows."""
+        n, size = len(slots), self.attention_group
+        if n <= size:
+            return
+
+        def cost(order: Sequence[int]) -> int:
+            starts = [cache.start[s] for s in order]
+            return sum((min(a + size, n) - a) * (col + 1 - min(starts[a : a + size])) for a in range(0, n, size))
+
+        order = sorted(range(n), key=lambda s: (slots[s] is None, cache.start[s]))
+        if cost(order) < 0.75 * cost(range(n)):
+            cache.select(order)
+            slots[:] = [slots[s] for s in order]
 
     def _advance(
         self,
