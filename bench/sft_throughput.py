@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -339,6 +340,7 @@ def main() -> None:
         print(f"RESULT sft_final_loss_rel_diff_vs_trl_best {rel:.3f} goal <= 0.05")
     print(f"RESULT sft_packing_efficiency {ours['packing_efficiency']:.3f} goal >= 0.95")
     print(f"RESULT sft_cpu_flop_utilisation {mfu:.3f} goal >= 0.5")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
