@@ -1,8 +1,9 @@
 """Regression check for the CPU-scale Table 2 reproduction (``bench/reproduce_table2.py --small``).
 
-It asserts only what held in every seed we measured (docs/reproduction.md lists the runs):
-each specialist beats the student on its own domain, and the TinyR1-order merge keeps what
-the specialists learned. Exact scores are not asserted: they move with seeds and machines.
+It asserts only what held in every (SFT seed × eval seed) run of the full study with the same
+settings (docs/reproduction.md): the math and science specialists beat the student on their own
+domain. Not asserted, because it did not hold robustly: the code specialist beating the student
+(0 of 24 solved in one of four runs) and the merged model beating the student (it solved none).
 """
 
 from __future__ import annotations
@@ -55,7 +56,13 @@ def score(report: dict[str, Any], row: str, domain: str) -> float:
 
 
 def test_every_row_is_scored_on_every_domain_with_its_compute(report: dict[str, Any]) -> None:
-    rows = {"student", "math specialist", "code specialist", "science specialist", "merge (math & science) & code"}
+    rows = {
+        "student",
+        "math specialist",
+        "code specialist",
+        "science specialist",
+        "merge (math & science) & code",
+    }
     assert set(report["summary"]) == rows
     for row in rows:
         assert set(DOMAINS) <= set(report["summary"][row])
@@ -66,6 +73,8 @@ def test_every_row_is_scored_on_every_domain_with_its_compute(report: dict[str, 
     assert report["meta"]["inputs"]["pretrain_cpu_seconds"] > 0
 
 
-@pytest.mark.parametrize("domain", DOMAINS)
-def test_each_specialist_beats_the_student_on_its_own_domain(report: dict[str, Any], domain: str) -> None:
+@pytest.mark.parametrize("domain", ["math", "science"])
+def test_the_math_and_science_specialists_beat_the_student_on_their_domain(
+    report: dict[str, Any], domain: str
+) -> None:
     assert score(report, f"{domain} specialist", domain) > score(report, "student", domain)
