@@ -59,6 +59,18 @@ def _cpu(summary: dict[str, Any], row: str, key: str) -> str:
     return f"{value:.0f}" if value is not None else "–"
 
 
+def _runs(meta: dict[str, Any]) -> str:
+    """Wall time and load of the invocations that ran stages (not cached rereads)."""
+    invocations = meta.get("invocations") or [meta]
+    ran = [i for i in invocations if i.get("stages_run_this_invocation") != 0] or invocations
+    wall = sum(i["wall_seconds_this_invocation"] or 0 for i in ran) / 60
+    loads = ", ".join(f"{i['load_average_start'][0]} → {i['load_average_end'][0]}" for i in ran)
+    return (
+        f"The run took {wall:.1f} min wall on {meta['cpus']} cores (load average at start → end: {loads}); "
+        f"{meta['stage_cpu_seconds_total']:.0f} CPU-s in {meta.get('stages', '?')} stage processes."
+    )
+
+
 def markdown(report: dict[str, Any]) -> str:
     """Both tables as Markdown: ours (pass@1 × 100, mean ± std over all SFT × eval seeds,
     CPU-seconds) beside the paper's."""
@@ -70,10 +82,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Profile `{meta['profile']}`: SFT seeds {n['sft_seeds']}, eval seeds {n['eval_seeds']}, "
         f"{n['steps_per_specialist']} optimizer steps × batch {n['global_batch_size']} per specialist. "
         f"Student pre-training: {meta['inputs']['pretrain_cpu_seconds'] or 0:.0f} CPU-s (not counted in the rows). "
-        f"Load average at start / end: {meta['load_average_start'][0]} / {meta['load_average_end'][0]} on "
-        f"{meta['cpus']} cores; the runs took "
-        f"{sum(i['wall_seconds_this_invocation'] or 0 for i in meta.get('invocations', [meta])) / 60:.1f} min wall, "
-        f"{meta['stage_cpu_seconds_total']:.0f} CPU-s in {meta.get('stages', '?')} stage processes.",
+        f"{_runs(meta)}",
         "",
         "| model | math (ours) | code (ours) | science (ours) | train CPU-s | eval CPU-s / model "
         "| AIME24 (paper) | LCB (paper) | GPQA-D (paper) |",

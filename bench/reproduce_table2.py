@@ -701,7 +701,7 @@ def _invocations(out: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
     if not out.exists():
         return [this]
     old = json.loads(out.read_text()).get("meta", {})
-    if old.get("settings") != meta["settings"]:
+    if old.get("settings") != json.loads(json.dumps(meta["settings"])):
         return [this]
     return [*old.get("invocations", [{k: old.get(k) for k in keys}]), this]
 
