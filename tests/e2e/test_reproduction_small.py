@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-#: ~190 CPU-seconds in all (student pre-training, 3 SFTs, a merge, an eval); the wall time is
-#: that divided by the free cores — on a machine shared at load 14 it took ~15 min.
+#: 65–125 CPU-seconds in all (student pre-training, 3 SFTs, a merge, an eval): measured 2 min
+#: at load ~5 and 11 min at load ~14 on 2 shared cores.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[2]
