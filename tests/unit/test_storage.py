@@ -89,3 +89,4 @@ def test_checksum_mismatch_is_refused(backend: tuple[Storage, str], tmp_path: Pa
 def test_wrong_scheme_names_the_fix() -> None:
     with pytest.raises(Exception, match="unsupported URI"):
         storage_for("gs://bucket/x")
+

@@ -421,18 +421,38 @@ class StageResult(Model):
     metrics: dict[str, float] = Field(default_factory=dict)
     scores: list[Score] = Field(default_factory=list)
     error: StageError | None = None
+    scores_omitted: int = Field(
+        default=0, description="Scores left out of this (size-capped) result; all are in the manifest."
+    )
 
     def to_json(self) -> str:
-        """Compact JSON that fits a termination message; trims the message if it must."""
-        text = json.dumps(self.dump(), separators=(",", ":"))
-        if len(text.encode()) <= MAX_RESULT_BYTES:
-            return text
+        """Compact JSON within MAX_RESULT_BYTES that always parses: detail goes before scores,
+        and scores that still do not fit are counted in ``scoresOmitted`` (every score stays
+        in the stage's manifest)."""
         data = self.dump()
-        if self.error is not None:
-            data["error"]["message"] = self.error.message[:1000] + " …(truncated)"
-        data["metrics"] = dict(list(self.metrics.items())[:20])
-        text = json.dumps(data, separators=(",", ":"))
-        return text[:MAX_RESULT_BYTES] if len(text.encode()) > MAX_RESULT_BYTES else text
+        if _fits(data):
+            return _compact(data)
+        if data.get("error"):
+            data["error"]["message"] = data["error"]["message"][:1000] + " …(truncated)"
+        if not _fits(data):
+            data["metrics"] = dict(list(data.get("metrics", {}).items())[:20])
+        if not _fits(data):
+            keep = ("model", "benchmark", "score", "samples")
+            data["scores"] = [{k: s[k] for k in keep if k in s} for s in data.get("scores", [])]
+        while not _fits(data) and data.get("scores"):
+            data["scores"].pop()
+            data["scoresOmitted"] = data.get("scoresOmitted", 0) + 1
+        if not _fits(data):
+            data["metrics"] = {}
+        return _compact(data)
+
+
+def _compact(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _fits(data: dict[str, Any]) -> bool:
+    return len(_compact(data).encode()) <= MAX_RESULT_BYTES
 
 
 class Progress(Model):
