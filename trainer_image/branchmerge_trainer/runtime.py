@@ -113,13 +113,20 @@ def _reason(exc: BaseException) -> str:
 
 
 def write_result(result: StageResult, path: str) -> None:
+    """Write the result file (the pod's termination message) and print it.
+
+    Under torchrun several processes share one container and so one termination log: local
+    rank 0 writes it, and any rank that fails overwrites it, so a failure is never hidden
+    behind another process's success."""
     text = result.to_json()
+    print("BRANCHMERGE_RESULT " + text, flush=True)
+    if os.environ.get("LOCAL_RANK", "0") != "0" and result.status != "Failed":
+        return
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
     except OSError as e:  # e.g. /dev/termination-log outside a pod
         log.warning("could not write result to %s: %s", path, e)
-    print("BRANCHMERGE_RESULT " + text, flush=True)
 
 
 def cached_result(stage: AnyStage, storage: Storage) -> StageResult | None:
