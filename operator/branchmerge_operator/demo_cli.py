@@ -64,7 +64,7 @@ def prepare(workdir: Path, profile: str, console: Console, *, force: bool = Fals
                     bar.update(task, total=p.total_steps, completed=p.step, loss=loss)
                     if not console.is_terminal and time.monotonic() - last_line > 15:
                         last_line = time.monotonic()
-                        console.print(f"  pre-training the student: step {p.step}/{p.total_steps} loss {loss}", highlight=False)
+                        console.print(f"  pre-training the student: step {p.step}/{p.total_steps} loss {loss}", highlight=False, soft_wrap=True)
                 time.sleep(0.2)
     except KeyboardInterrupt:
         proc.signal(signal.SIGINT)
@@ -72,9 +72,9 @@ def prepare(workdir: Path, profile: str, console: Console, *, force: bool = Fals
         return EXIT_INTERRUPTED
     code = proc.finish()
     if code != 0:
-        console.print(f"[bold red]✗ preparing the demo failed[/] (exit code {code}); log: {log}", highlight=False)
+        console.print(f"[bold red]✗ preparing the demo failed[/] (exit code {code}); log: {log}", highlight=False, soft_wrap=True)
         for line in log_tail(log):
-            console.print(f"  │ {line}", style="dim", highlight=False)
+            console.print(f"  │ {line}", style="dim", highlight=False, soft_wrap=True)
         return code
     return EXIT_OK
 
@@ -89,21 +89,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "→ Arcee Fusion in TinyR1's order → eval of student, specialists and merged model",
         highlight=False,
     )
-    console.print(f"[dim]1/2 data, teacher trajectories, benchmarks and a pre-trained student → {workdir}[/]", highlight=False)
+    console.print(f"[dim]1/2 data, teacher trajectories, benchmarks and a pre-trained student → {workdir}[/]", highlight=False, soft_wrap=True)
     code = prepare(workdir, args.profile, console, force=args.force)
     if code != EXIT_OK:
         return code
     manifest = workdir / "distillation.yaml"
     if args.prepare_only:
-        console.print(f"ready: [bold]branchmerge run {manifest} --workdir {workdir}[/]", highlight=False)
+        console.print(f"ready: [bold]branchmerge run {manifest} --workdir {workdir}[/]", highlight=False, soft_wrap=True)
         return EXIT_OK
     machine = detect_machine()
     parallel = args.parallel or (2 if machine.cpus >= 2 else 1)
     if not manifest.exists():
         console.print(f"[bold red]{manifest} is missing[/]; rerun with --force")
         return EXIT_CANNOT_START
-    console.print(f"[dim]2/2 branchmerge run {manifest} --workdir {workdir} --parallel {parallel}[/]", highlight=False)
+    console.print(f"[dim]2/2 branchmerge run {manifest} --workdir {workdir} --parallel {parallel}[/]", highlight=False, soft_wrap=True)
     code = run_local(str(manifest), workdir=workdir, parallel=parallel, console=console, machine=machine)
     elapsed = time.monotonic() - start
-    console.print(f"demo finished in {elapsed / 60:.1f} min (exit code {code})", highlight=False)
+    console.print(f"demo finished in {elapsed / 60:.1f} min (exit code {code})", highlight=False, soft_wrap=True)
     return code

@@ -560,24 +560,48 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     return [line for line in text.splitlines() if line.strip()][-lines:]
 
 
-def _result_from(result_path: Path, stage: Stage, code: int) -> StageResult:
-    """The stage's own result when it wrote one; otherwise a result saying how it died."""
+def _committed_result(stage: Stage) -> StageResult | None:
+    from branchmerge_trainer.runtime import cached_result
+    from branchmerge_trainer.storage import StorageError, storage_for
+
     try:
-        return StageResult.model_validate_json(result_path.read_text())
-    except (OSError, ValueError):
+        return cached_result(stage, storage_for(stage.output, stage.storage))
+    except (StorageError, OSError, ValueError):
+        return None
+
+
+def _result_from(result_path: Path, stage: Stage, code: int) -> StageResult:
+    """What a finished stage reports. Its own result file, completed from its committed
+    output when it succeeded (the manifest keeps every score, while the result is capped at
+    a termination message's size); otherwise a result saying how it died."""
+    written: StageResult | None = None
+    problem = "wrote no result"
+    try:
+        written = StageResult.model_validate_json(result_path.read_text())
+    except OSError:
         pass
+    except ValueError as e:
+        problem = f"wrote an unreadable result ({str(e).splitlines()[0]})"
+    if code == 0:
+        committed = _committed_result(stage)
+        if committed is not None and (written is None or written.status == "Succeeded"):
+            base = written or committed
+            return base.model_copy(
+                update={"scores": committed.scores or base.scores, "scores_omitted": 0, "metrics": base.metrics or committed.metrics}
+            )
+        if written is not None:
+            return written
+        message = f"exited with code 0 but {problem} and committed nothing at {stage.output}"
+        return StageResult(kind=stage.kind, status="Failed", fingerprint=stage.fingerprint, error=StageError(reason="NoResult", message=message))
+    if written is not None:
+        return written
     if code < 0:
         with contextlib.suppress(ValueError):
             name = signal.Signals(-code).name
-            reason, msg = "Killed", f"killed by {name} before writing a result (out of memory?)"
-            return StageResult(kind=stage.kind, status="Failed", fingerprint=stage.fingerprint, error=StageError(reason=reason, message=msg))
-    return StageResult(
-        kind=stage.kind,
-        status="Failed" if code else "Succeeded",
-        fingerprint=stage.fingerprint,
-        output=None if code else stage.output,
-        error=StageError(reason="NoResult", message=f"exited with code {code} without writing a result") if code else None,
-    )
+            message = f"killed by {name} before writing a result (out of memory?)"
+            return StageResult(kind=stage.kind, status="Failed", fingerprint=stage.fingerprint, error=StageError(reason="Killed", message=message))
+    message = f"exited with code {code} and {problem}"
+    return StageResult(kind=stage.kind, status="Failed", fingerprint=stage.fingerprint, error=StageError(reason="NoResult", message=message))
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@ teacher answer graded correct by the eval stage's own checkers (sandbox included
 
 from __future__ import annotations
 
-import ast
 import operator
 from typing import Any
 
@@ -96,21 +95,16 @@ def test_wrong_answers_are_graded_wrong(domains: list[Domain]) -> None:
     assert not stask.grade(sproblem, meta, f"<think></think>\nThe answer is {other}.", False).correct
 
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
-
-
-def _evaluate(node: ast.AST) -> int:
-    if isinstance(node, ast.Constant) and isinstance(node.value, int):
-        return node.value
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        return int(_OPS[type(node.op)](_evaluate(node.left), _evaluate(node.right)))
-    raise ValueError(ast.dump(node))
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 
 def test_math_answers_match_an_independent_evaluation(domains: list[Domain]) -> None:
     for row in domains[0].train_rows + domains[0].bench:
-        expression = row["problem"].removeprefix("Compute ").rstrip(".")
-        assert str(_evaluate(ast.parse(expression, mode="eval").body)) == row["answer"]
+        tokens = row["problem"].removeprefix("Compute from left to right: ").rstrip(".").split()
+        value = int(tokens[0])
+        for op, n in zip(tokens[1::2], tokens[2::2], strict=True):
+            value = _OPS[op](value, int(n))
+        assert str(value) == row["answer"]
 
 
 def test_science_choices_are_distinct_and_contain_the_answer(domains: list[Domain]) -> None:

@@ -82,7 +82,10 @@ def _fake_main() -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--result-path")
     args = p.parse_args()
-    return execute(load_config(args.config), _fake_run, result_path=args.result_path)
+    code = execute(load_config(args.config), _fake_run, result_path=args.result_path)
+    if os.environ.get("FAKE_CORRUPT_RESULT") and args.result_path:
+        Path(args.result_path).write_text('{"apiVersion": "branchmerge.io/v1alpha1", "kind": "Ev')
+    return code
 
 
 if __name__ == "__main__":
@@ -351,3 +354,16 @@ def test_manifest_s3_output_with_credentials_from_the_environment(env: Path, mon
         assert code == 2
     finally:
         server.stop()
+
+
+def test_scores_come_from_the_committed_output_when_the_result_is_unreadable(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result file that does not parse (or that was capped and omits scores) does not lose
+    the scores: the eval's manifest holds all of them."""
+    monkeypatch.setenv("FAKE_CORRUPT_RESULT", "1")
+    wd = env / "wd"
+    code, text = run(manifest(env), wd)
+    assert code == 0, text
+    assert len(load_record(wd).scores()) == 5
+    assert "pass@1 (%)" in text

@@ -97,16 +97,15 @@ _OPS: dict[str, Callable[[int, int], int]] = {
 
 @dataclass(frozen=True)
 class ArithmeticProblem:
-    """Left-to-right arithmetic with explicit parentheses, e.g. ``(7 + 5) * 3 - 4``."""
+    """Arithmetic evaluated from left to right, e.g. ``7 - 6 + 3 * 1`` (= 4)."""
 
     first: int
     steps: tuple[tuple[str, int], ...]
 
-    def expression(self) -> str:
-        text = str(self.first)
-        for i, (op, n) in enumerate(self.steps):
-            if i > 0:
-                text = f"({text})"
+    def expression(self, start: int = 0, value: int | None = None) -> str:
+        """The expression from step ``start`` on, with ``value`` in place of what came before."""
+        text = str(self.first if value is None else value)
+        for op, n in self.steps[start:]:
             text = f"{text} {op} {n}"
         return text
 
@@ -167,12 +166,17 @@ def math_domain(rng: random.Random, n_train: int, n_bench: int, n_warmup: int, d
 
 
 def math_problem_text(p: ArithmeticProblem) -> str:
-    return f"Compute {p.expression()}."
+    return f"Compute from left to right: {p.expression()}."
 
 
 def math_solution(p: ArithmeticProblem) -> str:
-    """The teacher: one line of work per operation, then the boxed answer."""
-    work = " ".join(f"{a} {op} {b} = {c}." for a, op, b, c in p.trace())
+    """The teacher: do the first operation, rewrite what is left, repeat (a scratchpad whose
+    every step is a copy plus one single-digit fact), then box the answer."""
+    parts = []
+    for i, (a, op, b, c) in enumerate(p.trace()):
+        rest = p.expression(i + 1, c)
+        parts.append(f"{a} {op} {b} = {c}, so {rest}." if i + 1 < len(p.steps) else f"{a} {op} {b} = {c}.")
+    work = " ".join(parts)
     return f"<think>{work}</think>\nThe answer is \\boxed{{{p.answer}}}."
 
 
@@ -383,7 +387,13 @@ def science_solution(p: ScienceProblem, shown: list[str]) -> str:
     """The teacher: follow the two facts, then name the letter of the answer as shown."""
     letter = LETTERS[shown.index(p.answer)]
     verb = "lives in the" if p.attribute == "habitat" else "eats"
-    thought = f"The {p.creature} is a kind of {p.kind}. Every {p.kind} {verb} {p.answer}. {p.answer} is {letter}."
+    # Rewrite the choices as "text letter" pairs, then name the answer again: its letter is
+    # the token that followed it last time (what a small transformer's induction heads do).
+    listing = ", ".join(f"{c} {LETTERS[i]}" for i, c in enumerate(shown))
+    thought = (
+        f"The {p.creature} is a kind of {p.kind}. Every {p.kind} {verb} {p.answer}. "
+        f"{listing}. So {p.answer} {letter}."
+    )
     return f"<think>{thought}</think>\nThe answer is {letter}."
 
 

@@ -42,7 +42,7 @@ class BranchTraining:
     epochs: float = 3
     global_batch_size: int = 4
     micro_batch_size: int = 4
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     max_sequence_length: int = 256
     checkpoint_interval: int = 25
     precision: str = "bf16"
@@ -57,7 +57,7 @@ class DemoConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     training: BranchTraining = field(default_factory=BranchTraining)
     eval_batch_size: int = 64
-    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"math": 48, "code": 96, "science": 48})
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"math": 96, "code": 96, "science": 80})
 
     def key(self) -> str:
         blob = json.dumps({"v": DEMO_VERSION, **asdict(self)}, sort_keys=True, default=str)
