@@ -15,6 +15,7 @@ API server, minus ours) + Events posted.
 
     .venv/bin/python bench/operator_scale.py [--distillations 100] [--lifecycle 10]
 
+Our operator runs the burst twice: as shipped, and with `--no-events` (the floor posts none).
 Ends with `RESULT key=value` lines.
 """
 
@@ -153,6 +154,22 @@ class Bench:
                 return name
             time.sleep(0.1)
         raise TimeoutError("default ServiceAccount")
+
+    def drop_namespace(self, name: str, timeout: float = 300) -> None:
+        """Delete a namespace and wait until it is gone, so the next phase starts clean."""
+        from kubernetes.client.exceptions import ApiException
+
+        self.core.delete_namespace(name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.core.read_namespace(name)
+            except ApiException as e:
+                if e.status == 404:
+                    return
+                raise
+            time.sleep(1)
+        raise TimeoutError(f"namespace {name} still terminating")
 
     def count(self, ns: str) -> tuple[int, int, int]:
         bjs = self.custom.list_namespaced_custom_object("branchmerge.io", "v1alpha1", ns, "branchjobs")["items"]
@@ -356,23 +373,32 @@ def main() -> int:
             life = lifecycle(b, args.lifecycle, tmp)
             print(f"lifecycle: {json.dumps(life)}", flush=True)
             (tmp / "minimal_operator.py").write_text(MINIMAL)
+            b.drop_namespace("lifecycle")
             floor = burst(b, b.namespace("floor"), n,
-                          [str(VENV_BIN / "kopf"), "run", "--standalone", "-A", str(tmp / "minimal_operator.py")],
+                          [str(VENV_BIN / "kopf"), "run", "--standalone", "-n", "floor", str(tmp / "minimal_operator.py")],
                           tmp / "minimal.log", wait_log(tmp / "minimal.log", "Initial authentication has finished"))
             print(f"floor burst: {json.dumps(floor)}", flush=True)
+            b.drop_namespace("floor")  # its BranchJobs would be ours to reconcile otherwise
             port = free_port()
             ours = burst(b, b.namespace("burst"), n,
                          [str(VENV_BIN / "branchmerge"), "operator", "-A", "--log-format", "plain",
                           "--metrics-port", str(port), "--metrics-address", "127.0.0.1"],
                          tmp / "operator.log", wait_metrics(port))
             print(f"branchmerge burst: {json.dumps(ours)}", flush=True)
+            b.drop_namespace("burst")
+            port = free_port()
+            quiet = burst(b, b.namespace("quiet"), n,
+                          [str(VENV_BIN / "branchmerge"), "operator", "-A", "--log-format", "plain", "--no-events",
+                           "--metrics-port", str(port), "--metrics-address", "127.0.0.1"],
+                          tmp / "operator-quiet.log", wait_metrics(port))
+            print(f"branchmerge --no-events burst: {json.dumps(quiet)}", flush=True)
         finally:
             b.close()
     children = 9 * n
     print(f"\nburst: {n} Distillations x 3 branches -> {children} children (BranchJobs, Pods, Services)")
-    print(f"{'operator':<22}{'all exist (s)':>14}{'ms/child':>10}{'CPU s':>8}{'RSS MB':>8}")
-    for name, r in (("minimal kopf (floor)", floor), ("branchmerge", ours)):
-        print(f"{name:<22}{r['seconds']:>14.2f}{1000 * r['seconds'] / children:>10.2f}{r['cpu_seconds']:>8.1f}{r['rss_mb']:>8.0f}")
+    print(f"{'operator':<26}{'all exist (s)':>14}{'ms/child':>10}{'CPU s':>8}{'RSS MB':>8}")
+    for name, r in (("minimal kopf (floor)", floor), ("branchmerge", ours), ("branchmerge --no-events", quiet)):
+        print(f"{name:<26}{r['seconds']:>14.2f}{1000 * r['seconds'] / children:>10.2f}{r['cpu_seconds']:>8.1f}{r['rss_mb']:>8.0f}")
     print(f"\nlifecycle of {life['distillations']} Distillations (create -> Succeeded -> delete), per Distillation:")
     print(f"  operator client writes {life['writes_operator']:.1f} (of which status patches {life['status_patches']:.1f}), "
           f"kopf finalizer/annotation patches {life['writes_kopf']:.1f}, events {life['events']:.1f} "
@@ -380,6 +406,7 @@ def main() -> int:
     ratio = ours["seconds"] / floor["seconds"] if floor["seconds"] else float("nan")
     print(f"RESULT burst_distillations={n} children={children}")
     print(f"RESULT burst_seconds={ours['seconds']:.2f} floor_seconds={floor['seconds']:.2f} ratio={ratio:.2f}")
+    print(f"RESULT burst_no_events_seconds={quiet['seconds']:.2f} ratio_no_events={quiet['seconds'] / floor['seconds']:.2f}")
     print(f"RESULT operator_rss_mb={ours['rss_mb']:.0f} operator_cpu_seconds={ours['cpu_seconds']:.1f} "
           f"floor_rss_mb={floor['rss_mb']:.0f} floor_cpu_seconds={floor['cpu_seconds']:.1f}")
     print(f"RESULT writes_per_distillation={life['writes_total']:.1f} operator={life['writes_operator']:.1f} "

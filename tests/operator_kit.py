@@ -119,6 +119,16 @@ class Api:
         return ((self.get(plural, ns, name) or {}).get("status") or {}).get("phase")
 
 
+def wait_events(api: Api, ns: str, name: str, *reasons: str, timeout: float = 30) -> list[str]:
+    """Reasons of the events on ``name`` once all of ``reasons`` are among them (kopf posts
+    events asynchronously, after the status that triggered them is written)."""
+    def seen() -> list[str] | None:
+        got = [e.reason for e in api.events(ns) if e.involved_object.name == name]
+        return got if all(r in got for r in reasons) else None
+
+    return wait_for(f"events {', '.join(reasons)} on {name}", seen, timeout)
+
+
 def describe(api: Api, ns: str) -> str:
     """What a failing wait prints: our resources' status, pods and recent events."""
     lines = []

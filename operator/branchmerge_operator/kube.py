@@ -35,7 +35,7 @@ log = logging.getLogger("branchmerge.kube")
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _BACKOFFS = (0.2, 0.5, 1.0, 2.0)
 #: Concurrent connections to the API server (a burst of reconciles is latency-bound).
-CONNECTIONS = 64
+CONNECTIONS = 16
 
 
 class ApiError(Exception):

@@ -34,6 +34,7 @@ from tests.operator_kit import (
     keys,
     tiny_student,
     upload_inputs,
+    wait_events,
     wait_for,
 )
 
@@ -218,8 +219,7 @@ def test_distillation_end_to_end_with_operator_restarts(
     assert len(pods_v2["e2e-code-0"]) == 2
     assert st2["mergedModel"] != merged and st2["evaluation"]["results"][0]["benchmark"] == "arith"
     assert len(recorder.names("Job")) == 4  # a new merge and a new eval Job (new fingerprints)
-    events = {(e.involved_object.name, e.reason) for e in api.events(ns)}
-    assert ("e2e", "SpecChanged") in events and ("e2e", "Succeeded") in events
+    wait_events(api, ns, "e2e", "SpecChanged", "Succeeded")
 
     # ---- deleting the Distillation removes children, keeps committed outputs
     outputs = keys(s3, bucket, "runs/e2e/")
@@ -275,6 +275,5 @@ def test_training_pod_failure_restarts_gang_from_checkpoint(
     result = json.loads(pod.status.container_statuses[0].state.terminated.message)
     assert result["status"] == "Succeeded" and result["metrics"]["resumed_from_step"] >= 2
     assert result["metrics"]["steps"] == 60
-    reasons = [e.reason for e in api.events(ns) if e.involved_object.name == "crashy"]
-    assert "Restarting" in reasons and "Succeeded" in reasons
+    wait_events(api, ns, "crashy", "Restarting", "Succeeded")
     assert operator.metric("branchmerge_gang_restarts_total", cause="failure") >= 1

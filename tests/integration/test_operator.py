@@ -21,7 +21,16 @@ from kubernetes import client
 
 from tests.cluster import Cluster, ProcessKubelet
 from tests.cluster.fixtures import start_node
-from tests.operator_kit import Api, FakeStages, apply, describe, in_process_operator, install_crds, wait_for
+from tests.operator_kit import (
+    Api,
+    FakeStages,
+    apply,
+    describe,
+    in_process_operator,
+    install_crds,
+    wait_events,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.cluster]
 
@@ -124,8 +133,7 @@ def test_eviction_does_not_count_against_backoff_limit(
     finally:
         stages.clear("all")
     wait_for("Succeeded", lambda: status(api, "evict", ns).get("phase") == "Succeeded", 60, debug=debug)
-    reasons = [e.reason for e in api.events(ns) if e.involved_object.name == "evict"]
-    assert "Disrupted" in reasons and "Succeeded" in reasons
+    wait_events(api, ns, "evict", "Disrupted", "Succeeded")
 
 
 def test_a_failed_pod_restarts_the_whole_gang_until_the_backoff_limit(
@@ -153,8 +161,8 @@ def test_a_failed_pod_restarts_the_whole_gang_until_the_backoff_limit(
                                               and not p.metadata.deletion_timestamp], 30, debug=debug)  # fmt: skip
     # Terminal is sticky: nothing is re-created later.
     before = {p.metadata.uid for p in api.pods(ns)}
-    operator_events = [e.reason for e in api.events(ns) if e.involved_object.name == "flaky"]
-    assert operator_events.count("Restarting") == 1 and "BackoffLimitExceeded" in operator_events
+    operator_events = wait_events(api, ns, "flaky", "Restarting", "BackoffLimitExceeded")
+    assert operator_events.count("Restarting") == 1
     time.sleep(2)
     assert {p.metadata.uid for p in api.pods(ns)} <= before
 

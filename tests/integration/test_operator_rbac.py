@@ -15,7 +15,17 @@ import yaml
 from kubernetes import client
 
 from tests.cluster import Cluster, ProcessKubelet
-from tests.operator_kit import REPO, Api, FakeStages, OperatorProcess, apply, describe, install_crds, wait_for
+from tests.operator_kit import (
+    REPO,
+    Api,
+    FakeStages,
+    OperatorProcess,
+    apply,
+    describe,
+    install_crds,
+    wait_events,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.cluster]
 
@@ -80,8 +90,8 @@ def test_operator_runs_a_distillation_with_the_shipped_cluster_role(
         wait_for("Succeeded", lambda: api.phase("distillations", ns, "rbac") == "Succeeded", 120, debug=debug)
         st = api.get("distillations", ns, "rbac")["status"]
         assert st["evaluation"]["results"] and st["branchesSucceeded"] == "2/2"
-        assert [e for e in api.events(ns) if e.involved_object.name == "rbac" and e.reason == "Succeeded"]
-        api.delete("distillations", ns, "rbac")  # kopf removes its finalizer: a patch the role allows
+        wait_events(api, ns, "rbac", "Succeeded")
+        api.delete("distillations", ns, "rbac")  # children go by garbage collection
         wait_for("deleted with its children", lambda: api.get("distillations", ns, "rbac") is None
                  and not api.list("branchjobs", ns), 60, debug=debug)
         assert "403" not in op.log() and "Forbidden" not in op.log(), op.tail(80)
