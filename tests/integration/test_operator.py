@@ -275,6 +275,32 @@ def test_a_failed_branch_fails_the_distillation_and_stops_the_others(
         stages.clear("doomed-code-0")
 
 
+def test_suspending_a_distillation_suspends_its_branches_and_resumes(
+    cluster: Cluster, k8s_api: Any, namespace: str, operator: Any, fake: Any
+) -> None:
+    stages, _ = fake
+    api, ns = Api(k8s_api), namespace
+    stages.set("nap-math-0", "hold")
+    stages.set("nap-code-0", "hold")
+    try:
+        apply(cluster, ns, distillation("nap", ["math", "code"]))
+        debug = lambda: describe(api, ns)  # noqa: E731
+        wait_for("gangs running", lambda: running(api, ns, ["nap-math-0", "nap-code-0"]), 60, debug=debug)
+        api.patch("distillations", ns, "nap", {"spec": {"runPolicy": {"suspend": True}}})
+        wait_for("Suspended, pods gone", lambda: status(api, "nap", ns, "distillations").get("phase") == "Suspended"
+                 and not api.pods(ns) and all(status(api, f"nap-{b}", ns).get("phase") == "Suspended"
+                                              for b in ("math", "code")), 60, debug=debug)  # fmt: skip
+        conds = {c["type"]: c["status"] for c in status(api, "nap", ns, "distillations")["conditions"]}
+        assert conds["Suspended"] == "True" and conds["Ready"] == "False"
+    finally:
+        stages.clear("nap-math-0")
+        stages.clear("nap-code-0")
+    api.patch("distillations", ns, "nap", {"spec": {"runPolicy": {"suspend": False}}})
+    wait_for("Succeeded", lambda: status(api, "nap", ns, "distillations").get("phase") == "Succeeded", 90, debug=debug)
+    assert all(status(api, f"nap-{b}", ns)["restarts"] == 0 for b in ("math", "code"))
+    wait_events(api, ns, "nap", "Suspended", "Resumed", "Succeeded")
+
+
 def _expectations(path: Path) -> list[str]:
     return re.findall(r"^# expect: (.*)$", path.read_text(), re.M)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import yaml
 from kubernetes import client
 
 from tests.cluster import Cluster, ProcessKubelet
+from tests.cluster.procs import free_port
 from tests.operator_kit import (
     REPO,
     Api,
@@ -68,7 +70,11 @@ def test_operator_runs_a_distillation_with_the_shipped_cluster_role(
     role = f"bm-operator-{ns}"[:63]
     kubeconfig = service_account_kubeconfig(cluster, k8s_api, ns, role, tmp_path / "kubeconfig")
     here = {"nodeSelector": {"pool": "rbac"}, "tolerations": [{"key": "pool", "operator": "Exists"}]}
-    op = OperatorProcess(cluster, tmp_path / "operator.log", kubeconfig=kubeconfig).start()
+    live = free_port()
+    op = OperatorProcess(cluster, tmp_path / "operator.log", kubeconfig=kubeconfig,
+                         extra_args=("--liveness", f"http://127.0.0.1:{live}/healthz")).start()
+    with urllib.request.urlopen(f"http://127.0.0.1:{live}/healthz", timeout=10) as r:  # kopf's liveness probe
+        assert r.status == 200 and "reconciles_pending" in r.read().decode()
     try:
         apply(cluster, ns, {
             "apiVersion": "branchmerge.io/v1alpha1", "kind": "Distillation", "metadata": {"name": "rbac"},
