@@ -16,7 +16,7 @@ API server, minus ours) + Events posted.
     .venv/bin/python bench/operator_scale.py [--distillations 100] [--lifecycle 10]
 
 Our operator runs the burst twice: as shipped, and with `--no-events` (the floor posts none).
-Ends with `RESULT key=value` lines.
+Ends with one `RESULT <name> <value> goal <op> <target>` line per goal.
 """
 
 from __future__ import annotations
@@ -404,13 +404,15 @@ def main() -> int:
           f"kopf finalizer/annotation patches {life['writes_kopf']:.1f}, events {life['events']:.1f} "
           f"-> total {life['writes_total']:.1f}")
     ratio = ours["seconds"] / floor["seconds"] if floor["seconds"] else float("nan")
-    print(f"RESULT burst_distillations={n} children={children}")
-    print(f"RESULT burst_seconds={ours['seconds']:.2f} floor_seconds={floor['seconds']:.2f} ratio={ratio:.2f}")
-    print(f"RESULT burst_no_events_seconds={quiet['seconds']:.2f} ratio_no_events={quiet['seconds'] / floor['seconds']:.2f}")
-    print(f"RESULT operator_rss_mb={ours['rss_mb']:.0f} operator_cpu_seconds={ours['cpu_seconds']:.1f} "
-          f"floor_rss_mb={floor['rss_mb']:.0f} floor_cpu_seconds={floor['cpu_seconds']:.1f}")
-    print(f"RESULT writes_per_distillation={life['writes_total']:.1f} operator={life['writes_operator']:.1f} "
-          f"kopf={life['writes_kopf']:.1f} events={life['events']:.1f} lifecycle_seconds={life['seconds']:.0f}")
+    print(
+        f"burst {n} Distillations -> {children} children; floor {floor['seconds']:.2f} s; "
+        f"writes per lifecycle: operator {life['writes_operator']:.1f}, kopf {life['writes_kopf']:.1f}, "
+        f"events {life['events']:.1f}"
+    )
+    print(f"RESULT operator_burst_all_children_seconds {ours['seconds']:.2f} goal <= 10")
+    print(f"RESULT operator_burst_vs_minimal_kopf {ratio:.2f} goal <= 2")
+    print(f"RESULT operator_writes_per_distillation {life['writes_total']:.1f} goal <= 50")
+    print(f"RESULT operator_rss_mb {ours['rss_mb']:.0f} goal <= 200")
     return 0
 
 
