@@ -160,8 +160,7 @@ def math_domain(rng: random.Random, n_train: int, n_bench: int, n_warmup: int, d
             for op in "+-*":
                 c = _OPS[op](a, b)
                 if 0 <= c <= d.math_max_value:
-                    # a few times over: the facts are what the scratchpad relies on
-                    dom.corpus.extend([f"{a} {op} {b} = {c}"] * 4)
+                    dom.corpus.append(f"{a} {op} {b} = {c}")
     dom.warmup = [_chat(prompts.math_prompt(math_problem_text(p)), math_solution(p)) for p in warmup]
     return dom
 
@@ -385,17 +384,16 @@ def _draw_science(rng: random.Random, world: World, d: Difficulty) -> SciencePro
 
 
 def science_solution(p: ScienceProblem, shown: list[str]) -> str:
-    """The teacher: follow the two facts, then check the choices in order until one is the
-    answer (each check is a copy of a choice line and a same-word test; no look-up of the
-    letter written before a word, which a small model finds hard), then name its letter."""
+    """The teacher: follow the two facts, then name the letter of the answer as shown."""
     letter = LETTERS[shown.index(p.answer)]
     verb = "lives in the" if p.attribute == "habitat" else "eats"
-    checks = []
-    for i, choice in enumerate(shown):
-        checks.append(f"{LETTERS[i]}) {choice} {'yes' if choice == p.answer else 'no'}.")
-        if choice == p.answer:
-            break
-    thought = f"The {p.creature} is a kind of {p.kind}. Every {p.kind} {verb} {p.answer}. {' '.join(checks)}"
+    # Rewrite the choices as "text letter" pairs, then name the answer again: its letter is
+    # the token that followed it last time (what a small transformer's induction heads do).
+    listing = ", ".join(f"{c} {LETTERS[i]}" for i, c in enumerate(shown))
+    thought = (
+        f"The {p.creature} is a kind of {p.kind}. Every {p.kind} {verb} {p.answer}. "
+        f"{listing}. So {p.answer} {letter}."
+    )
     return f"<think>{thought}</think>\nThe answer is {letter}."
 
 

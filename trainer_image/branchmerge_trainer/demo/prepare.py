@@ -42,7 +42,7 @@ class BranchTraining:
     epochs: float = 3
     global_batch_size: int = 4
     micro_batch_size: int = 4
-    learning_rate: float = 3e-4
+    learning_rate: float = 5e-4
     max_sequence_length: int = 256
     checkpoint_interval: int = 25
     precision: str = "bf16"
@@ -52,8 +52,6 @@ class BranchTraining:
 class DemoConfig:
     seed: int = 0
     n_train: int = 800
-    #: worked chats per domain in the student's pre-training (its own problems)
-    n_warmup: int = 300
     n_bench: int = 40
     difficulty: Difficulty = field(default_factory=Difficulty)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -69,7 +67,6 @@ class DemoConfig:
 #: For tests: a few seconds of everything.
 TINY = DemoConfig(
     n_train=48,
-    n_warmup=4,
     n_bench=6,
     student=StudentConfig(hidden_size=32, num_layers=1, intermediate_size=64, steps=4, batch_size=4, seq_len=128, vocab_size=400),
     training=BranchTraining(epochs=1, global_batch_size=4, micro_batch_size=4, checkpoint_interval=2, precision="fp32"),
@@ -89,9 +86,8 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 #: The paper's per-domain schedule and packing (TinyR1: math constant + packing, science
 #: cosine + neat packing, code constant + neat packing); the rest is scaled to a tiny model.
-#: Overrides the shared settings of BranchTraining.
-_DOMAIN_TRAINING: dict[str, dict[str, Any]] = {
-    "math": {"schedule": "constant", "packing": "packed", "epochs": 5},  # the shortest data; the hardest skill
+_DOMAIN_TRAINING = {
+    "math": {"schedule": "constant", "packing": "packed"},
     "science": {"schedule": "cosine", "packing": "neat"},
     "code": {"schedule": "constant", "packing": "neat"},
 }
@@ -200,7 +196,7 @@ def prepare(root: Path, cfg: DemoConfig, *, progress: Any = None, force: bool = 
 
     start = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
-    domains = make_domains(cfg.seed, cfg.n_train, cfg.n_bench, cfg.difficulty, cfg.n_warmup)
+    domains = make_domains(cfg.seed, cfg.n_train, cfg.n_bench, cfg.difficulty)
     write_data(root, domains)
     student_dir = root / "models" / "student"
     if student_dir.exists():

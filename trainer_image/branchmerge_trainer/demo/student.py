@@ -29,7 +29,7 @@ class StudentConfig:
     intermediate_size: int = 384
     seq_len: int = 256
     batch_size: int = 16
-    steps: int = 400
+    steps: int = 250
     learning_rate: float = 3e-3
     warmup_steps: int = 20
     seed: int = 0
