@@ -582,17 +582,22 @@ def _result_from(result_path: Path, stage: Stage, code: int) -> StageResult:
         pass
     except ValueError as e:
         problem = f"wrote an unreadable result ({str(e).splitlines()[0]})"
-    if code == 0:
+    reported_success = written is not None and written.status == "Succeeded"
+    if code == 0 or reported_success:
+        # A stage that published its output is done, even if a late signal (Ctrl-C just
+        # after it finished) changed its exit code.
         committed = _committed_result(stage)
-        if committed is not None and (written is None or written.status == "Succeeded"):
+        if committed is not None and (written is None or reported_success):
             base = written or committed
             return base.model_copy(
                 update={"scores": committed.scores or base.scores, "scores_omitted": 0, "metrics": base.metrics or committed.metrics}
             )
-        if written is not None:
-            return written
-        message = f"exited with code 0 but {problem} and committed nothing at {stage.output}"
-        return StageResult(kind=stage.kind, status="Failed", fingerprint=stage.fingerprint, error=StageError(reason="NoResult", message=message))
+        if written is None:
+            message = f"exited with code 0 but {problem} and committed nothing at {stage.output}"
+            return StageResult(kind=stage.kind, status="Failed", fingerprint=stage.fingerprint, error=StageError(reason="NoResult", message=message))
+        if code != 0:
+            message = f"exited with code {code} after reporting success, but nothing is committed at {stage.output}"
+            return StageResult(kind=stage.kind, status="Failed", fingerprint=stage.fingerprint, error=StageError(reason="NoOutput", message=message))
     if written is not None:
         return written
     if code < 0:
@@ -737,7 +742,7 @@ class LocalExecutor:
             del self.running[name]
             result = _result_from(result_path, self.stages[name], code)
             rec.result, rec.returncode, rec.finished_at = result, code, time.time()
-            if code == 0 and result.status == "Succeeded":
+            if result.status == "Succeeded":
                 rec.state, rec.reason = "succeeded", "reused committed output" if result.cached else None
             elif result.error is not None and result.error.reason == "Interrupted":
                 rec.state, rec.reason = "interrupted", "stopped by Ctrl-C"

@@ -137,7 +137,10 @@ def test_ctrl_c_then_resume_from_checkpoint(demo: tuple[Path, Any, float]) -> No
     root = demo[0]
 
     def longer(d: dict[str, Any]) -> None:
-        branch(d, "code")["training"].update(maxSteps=120, epochs=1000, checkpointInterval=10)
+        # Steps of 64 rows (~0.1 s each on an idle core, longer on a busy one): slow enough
+        # to be interrupted after the checkpoint at step 5, short enough to finish quickly.
+        training = {"maxSteps": 60, "epochs": 1000, "checkpointInterval": 5, "globalBatchSize": 64, "microBatchSize": 16}
+        branch(d, "code")["training"].update(training)
 
     path = variant(root, "code-long", longer)
     progress = root / "stages" / "branch-code" / "progress.jsonl"
@@ -152,10 +155,10 @@ def test_ctrl_c_then_resume_from_checkpoint(demo: tuple[Path, Any, float]) -> No
         if progress.exists():
             lines = progress.read_text().splitlines()
             step = json.loads(lines[-1].split(" ", 1)[1])["step"] if lines else 0
-            if step >= 20:
+            if step >= 10:
                 break
         time.sleep(0.2)
-    assert step >= 20, proc.communicate()[0] if proc.poll() is not None else "no progress"
+    assert step >= 10, proc.communicate()[0] if proc.poll() is not None else "no progress"
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
@@ -166,4 +169,4 @@ def test_ctrl_c_then_resume_from_checkpoint(demo: tuple[Path, Any, float]) -> No
     again = cli("run", str(path), "--workdir", str(root), "--only", "code")
     assert again.returncode == 0, again.stdout + again.stderr
     metrics = state(root)["stages"][2]["result"]["metrics"]
-    assert metrics["resumed_from_step"] >= 10 and metrics["steps"] == 120
+    assert metrics["resumed_from_step"] >= 5 and metrics["steps"] == 60
