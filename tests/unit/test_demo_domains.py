@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from branchmerge_trainer.demo import prompts
-from branchmerge_trainer.demo.domains import Domain, make_domains
+from branchmerge_trainer.demo.domains import Difficulty, Domain, make_domains
 from branchmerge_trainer.evaluate import answers
 from branchmerge_trainer.evaluate.benchmarks import TASKS, Problem, Task
 from branchmerge_trainer.stages import BenchmarkConfig
@@ -17,9 +17,11 @@ from branchmerge_trainer.stages import BenchmarkConfig
 TEMPLATES = {"math": prompts.MATH_TEMPLATE, "code": prompts.CODE_TEMPLATE, "multiple_choice": prompts.MC_TEMPLATE}
 
 
-@pytest.fixture(scope="module")
-def domains() -> list[Domain]:
-    return make_domains(seed=0, n_train=40, n_bench=12)
+@pytest.fixture(scope="module", params=["listing", "checks"])
+def domains(request: pytest.FixtureRequest) -> list[Domain]:
+    """Both science teachers (the quick start's demo uses "checks")."""
+    difficulty = Difficulty(science_reasoning=request.param, math_fact_repeats=2)
+    return make_domains(seed=0, n_train=40, n_bench=12, difficulty=difficulty)
 
 
 def _task(kind: str) -> Task:

@@ -17,7 +17,7 @@ import random
 import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from . import prompts
 
@@ -33,6 +33,12 @@ class Difficulty:
     math_max_value: int = 9
     code_steps: tuple[int, ...] = (1, 2)
     science_facts: int = 3
+    #: how the science teacher gets from the answer to its letter: "listing" rewrites the
+    #: choices as "text letter" pairs; "checks" checks the choices in order (easier for a
+    #: 1M-parameter model: no look-up of the letter written before a word)
+    science_reasoning: Literal["listing", "checks"] = "listing"
+    #: copies of each single-digit fact in the general pre-training text
+    math_fact_repeats: int = 1
 
 
 @dataclass
@@ -160,7 +166,7 @@ def math_domain(rng: random.Random, n_train: int, n_bench: int, n_warmup: int, d
             for op in "+-*":
                 c = _OPS[op](a, b)
                 if 0 <= c <= d.math_max_value:
-                    dom.corpus.append(f"{a} {op} {b} = {c}")
+                    dom.corpus.extend([f"{a} {op} {b} = {c}"] * d.math_fact_repeats)
     dom.warmup = [_chat(prompts.math_prompt(math_problem_text(p)), math_solution(p)) for p in warmup]
     return dom
 
@@ -383,17 +389,25 @@ def _draw_science(rng: random.Random, world: World, d: Difficulty) -> SciencePro
     return ScienceProblem(creature, kind, attribute, answer, choices, tuple(facts))
 
 
-def science_solution(p: ScienceProblem, shown: list[str]) -> str:
-    """The teacher: follow the two facts, then name the letter of the answer as shown."""
+def science_solution(p: ScienceProblem, shown: list[str], style: str = "listing") -> str:
+    """The teacher: follow the two facts, then get from the answer to its letter as shown
+    (see ``Difficulty.science_reasoning``), then name the letter."""
     letter = LETTERS[shown.index(p.answer)]
     verb = "lives in the" if p.attribute == "habitat" else "eats"
-    # Rewrite the choices as "text letter" pairs, then name the answer again: its letter is
-    # the token that followed it last time (what a small transformer's induction heads do).
-    listing = ", ".join(f"{c} {LETTERS[i]}" for i, c in enumerate(shown))
-    thought = (
-        f"The {p.creature} is a kind of {p.kind}. Every {p.kind} {verb} {p.answer}. "
-        f"{listing}. So {p.answer} {letter}."
-    )
+    facts = f"The {p.creature} is a kind of {p.kind}. Every {p.kind} {verb} {p.answer}."
+    if style == "checks":
+        # Each check is a copy of a choice line and a same-word test.
+        checks = []
+        for i, choice in enumerate(shown):
+            checks.append(f"{LETTERS[i]}) {choice} {'yes' if choice == p.answer else 'no'}.")
+            if choice == p.answer:
+                break
+        thought = f"{facts} {' '.join(checks)}"
+    else:
+        # "text letter" pairs, then the answer again: its letter is the token that followed
+        # it last time (what a small transformer's induction heads do).
+        listing = ", ".join(f"{c} {LETTERS[i]}" for i, c in enumerate(shown))
+        thought = f"{facts} {listing}. So {p.answer} {letter}."
     return f"<think>{thought}</think>\nThe answer is {letter}."
 
 
@@ -410,14 +424,14 @@ def science_domain(rng: random.Random, n_train: int, n_bench: int, n_warmup: int
         # The eval shuffles choices per sample; so does the teacher's data.
         order = list(p.choices)
         rng.shuffle(order)
-        dom.train.append(_chat(prompts.mc_prompt(p.question(), order), science_solution(p, order)))
+        dom.train.append(_chat(prompts.mc_prompt(p.question(), order), science_solution(p, order, d.science_reasoning)))
         dom.train_rows.append({"question": p.question(), "choices": order, "answer": p.answer})
     dom.bench = [{"question": p.question(), "choices": list(p.choices), "answer": p.answer} for p in bench]
-    dom.bench_solutions = [science_solution(p, list(p.choices)) for p in bench]
+    dom.bench_solutions = [science_solution(p, list(p.choices), d.science_reasoning) for p in bench]
     for p in warmup:
         order = list(p.choices)
         rng.shuffle(order)
-        dom.warmup.append(_chat(prompts.mc_prompt(p.question(), order), science_solution(p, order)))
+        dom.warmup.append(_chat(prompts.mc_prompt(p.question(), order), science_solution(p, order, d.science_reasoning)))
     dom.corpus = world.sentences()
     return dom
 
