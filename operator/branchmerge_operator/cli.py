@@ -209,4 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m branchmerge_operator.cli`, this file is `__main__`, while the command
+    # modules register into `branchmerge_operator.cli`: dispatch through that one.
+    from branchmerge_operator.cli import main as _main
+
+    sys.exit(_main())

@@ -111,3 +111,11 @@ def test_installed_console_script() -> None:
         pytest.skip("console script not installed (pip install -e .)")
     done = subprocess.run([exe, "validate", *EXAMPLES], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("module", ["branchmerge_operator", "branchmerge_operator.cli"])
+def test_python_dash_m_has_every_command(module: str) -> None:
+    """`python -m` must offer the same commands as the console script (run, demo, operator…)."""
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True).stdout
+    for name in ("validate", "plan", "run", "status", "demo", "operator"):
+        assert f"    {name} " in out, (name, out)
