@@ -192,7 +192,15 @@ class OutputSpec(StorageConfig):
 class ImageSpec(Model):
     """The trainer image every stage pod runs."""
 
-    image: str = Field(default=DEFAULT_IMAGE, min_length=1, pattern=r"^\S+$")
+    image: str | None = Field(
+        default=None,
+        min_length=1,
+        pattern=r"^\S+$",
+        description=(
+            "Trainer image; unset means the operator's default (BRANCHMERGE_TRAINER_IMAGE, "
+            f"Helm trainer.image), else {DEFAULT_IMAGE}."
+        ),
+    )
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     pull_secrets: list[SubdomainName] = Field(default_factory=list, description="Image pull Secret names.")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from .cli import command
 
@@ -47,7 +48,13 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
     from . import handlers
     from .reconcile import OperatorConfig
+    from .workloads import default_trainer_image
 
+    try:
+        default_trainer_image()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     clusterwide = not args.namespace
     handlers.CONFIG = OperatorConfig(
         namespaces=list(args.namespace),

@@ -15,13 +15,15 @@ holds credentials (the stage contract forbids them).
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from branchmerge_trainer.stages import EvalStage, MergeStage, SFTStage
 
-from .api import BranchJob, BranchJobSpec, ImageSpec, Placement
+from .api import DEFAULT_IMAGE, BranchJob, BranchJobSpec, ImageSpec, Placement
 from .gang import GangPod, GangService
 from .naming import (
     LABEL_BRANCH,
@@ -46,7 +48,25 @@ RUN_AS_USER = 10001
 #: Seconds a stage pod gets to stop after SIGTERM (a checkpoint upload in flight may finish).
 GRACE_SECONDS = 30
 
+#: The operator's default trainer image (the Deployment sets it from Helm `trainer.image` or
+#: the kustomize base); a Distillation's `spec.image.image` wins over it.
+TRAINER_IMAGE_ENV = "BRANCHMERGE_TRAINER_IMAGE"
+
 StageKind = Literal["branch", "merge", "eval"]
+
+
+def default_trainer_image(environ: Mapping[str, str] | None = None) -> str:
+    """The image of stage pods whose spec names none: $BRANCHMERGE_TRAINER_IMAGE, else the
+    release's own. A malformed value is an installation error: refuse it by name."""
+    value = (os.environ if environ is None else environ).get(TRAINER_IMAGE_ENV, "").strip()
+    if not value:
+        return DEFAULT_IMAGE
+    if not re.fullmatch(r"\S+", value):
+        raise ValueError(
+            f"{TRAINER_IMAGE_ENV}={value!r} is not an image reference (no spaces allowed); "
+            "set it to e.g. ghcr.io/branchmerge/trainer:0.1.0 or unset it"
+        )
+    return value
 _SUBCOMMAND: dict[str, str] = {"SFT": "sft", "Merge": "merge", "Eval": "eval"}
 
 
@@ -55,6 +75,8 @@ class PodSettings:
     """What every pod of one stage carries, taken from the user's spec."""
 
     image: ImageSpec = field(default_factory=ImageSpec)
+    #: used when `image.image` is unset (read from the operator's environment once per pod)
+    default_image: str = field(default_factory=default_trainer_image)
     placement: Placement = field(default_factory=Placement)
     gpus: int = 0
     credentials_secret: str | None = None
@@ -176,7 +198,7 @@ def pod_spec(
     volumes, mounts = _volumes()
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": settings.image.image,
+        "image": settings.image.image or settings.default_image,
         "imagePullPolicy": settings.image.pull_policy,
         "command": command,
         "env": env,

@@ -101,7 +101,7 @@ def test_defaults_are_the_papers() -> None:
     assert dist.spec.merge.method == "arcee_fusion"
     assert dist.spec.run_policy.backoff_limit == 3
     assert dist.spec.run_policy.startup_deadline_seconds == 600
-    assert dist.spec.image.image.startswith("ghcr.io/branchmerge/trainer:")
+    assert dist.spec.image.image is None  # the operator's default applies (workloads.default_trainer_image)
 
 
 def test_default_merge_folds_branches_in_tinyr1_order() -> None:

@@ -222,3 +222,22 @@ def test_gpu_requests_match_gpus_per_node(gpus: int) -> None:
     bj = branchjob(resources={"nodes": 1, "gpusPerNode": gpus}, training={"globalBatchSize": 4})
     res = gang_pods(bj)[0]["spec"]["containers"][0]["resources"]
     assert res.get("limits", {}).get("nvidia.com/gpu") == (str(gpus) if gpus else None)
+
+
+def test_unset_image_uses_the_operators_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Helm `trainer.image` reaches pods through BRANCHMERGE_TRAINER_IMAGE unless the spec names one."""
+    unset = branchjob(image={"pullSecrets": ["regcred"]})
+    monkeypatch.delenv(workloads.TRAINER_IMAGE_ENV, raising=False)
+    assert gang_pods(unset)[0]["spec"]["containers"][0]["image"] == workloads.DEFAULT_IMAGE
+    monkeypatch.setenv(workloads.TRAINER_IMAGE_ENV, "mirror.example/trainer@sha256:abc")
+    assert gang_pods(unset)[0]["spec"]["containers"][0]["image"] == "mirror.example/trainer@sha256:abc"
+    job = workloads.stage_job(merge_job(), namespace="ns", active_deadline_seconds=60)
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "mirror.example/trainer@sha256:abc"
+    # The spec's own image wins.
+    assert gang_pods(branchjob())[0]["spec"]["containers"][0]["image"] == "registry.example/trainer:1"
+
+
+def test_malformed_default_image_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="BRANCHMERGE_TRAINER_IMAGE"):
+        workloads.default_trainer_image({"BRANCHMERGE_TRAINER_IMAGE": "bad image"})
+    assert workloads.default_trainer_image({"BRANCHMERGE_TRAINER_IMAGE": "  "}) == workloads.DEFAULT_IMAGE
