@@ -345,6 +345,8 @@ class ControlPlane:
              "--authorization-mode=RBAC", "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
              f"--service-account-key-file={pki / 'sa.pub'}", f"--service-account-signing-key-file={pki / 'sa.key'}",
              "--api-audiences=https://kubernetes.default.svc.cluster.local", "--profiling=false",
+             # pods/log and exec reach a node at its InternalIP (the Hostname is not resolvable here)
+             "--kubelet-preferred-address-types=InternalIP",
              "--logtostderr=true", "--v=0"],
             logs / "kube-apiserver.log",
         ).start()  # fmt: skip

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import podspec
+from .kubelet_api import KubeletAPI
 from .podspec import NotReadyYet, PathMap
 
 log = logging.getLogger("branchmerge.kubelet")
@@ -600,11 +601,14 @@ class ProcessKubelet:
         self.recovered = threading.Event()
         self.node_failure_mode: NodeFailureMode = "fail"
         self._threads: list[threading.Thread] = []
+        self._kubelet_api: KubeletAPI | None = None
 
     # ------------------------------------------------------------------ public API
 
     def start(self, timeout: float = 30) -> ProcessKubelet:
         (self.workdir / "pods").mkdir(parents=True, exist_ok=True)
+        # Container logs over HTTPS, as the API server's pods/log proxy expects (kubelet_api.py).
+        self._kubelet_api = KubeletAPI(self._container_log, self.workdir / "pki").start()
         self._register()
         for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "watch")):
             t = threading.Thread(target=target, name=f"kubelet-{self.node_name}-{name}", daemon=True)
@@ -623,6 +627,8 @@ class ProcessKubelet:
             w.done.wait(10)
         for t in self._threads:
             t.join(timeout=1)
+        if self._kubelet_api is not None:
+            self._kubelet_api.stop()
         self._api.close()
 
     def entrypoint(self, image: str) -> list[str] | None:
@@ -645,8 +651,19 @@ class ProcessKubelet:
         d.mkdir(parents=True, exist_ok=True)
         return d / f"{container}.log"
 
+    def _container_log(self, namespace: str, name: str, container: str) -> tuple[Path, bool] | None:
+        """For the log API: the newest pod of that name on this node, and whether it still runs."""
+        with self._workers_lock:
+            mine = [w for w in self.workers.values() if w.ns == namespace and w.pod_name == name]
+        if not mine:
+            return None
+        live = [w for w in mine if not w.done.is_set()]
+        w = (live or mine)[-1]
+        return self.log_path(namespace, name, container, w.uid), bool(live)
+
     def logs(self, namespace: str, name: str, container: str | None = None) -> str:
-        """A container's stdout+stderr (what ``kubectl logs`` would show; this kubelet serves no API)."""
+        """A container's stdout+stderr, read from the file (``kubectl logs`` reads the same
+        through the API server and ``kubelet_api.py``)."""
         uid = self._uid(namespace, name)
         if container is None:
             pod = self.core.read_namespaced_pod(name, namespace)
@@ -786,7 +803,9 @@ class ProcessKubelet:
                 {"type": "InternalIP", "address": "127.0.0.1"},
                 {"type": "Hostname", "address": self.node_name},
             ],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {
+                "kubeletEndpoint": {"Port": self._kubelet_api.port if self._kubelet_api else 0}
+            },
             "nodeInfo": {
                 "machineID": "process-kubelet",
                 "systemUUID": self.node_name,

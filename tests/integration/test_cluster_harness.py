@@ -746,3 +746,45 @@ def test_empty_strings_round_trip_in_custom_resources_and_configmaps(
     cm = core.read_namespaced_config_map("empty", namespace)
     assert cm.data == {"a": "", "b": "x"}
     assert cm.metadata.annotations == {"note": ""}
+
+
+@pytest.mark.cluster
+def test_pod_logs_through_the_api_server(cluster: Cluster, k8s_api: Any, namespace: str) -> None:
+    """pods/log is proxied by the API server to the process kubelet (kubectl logs works)."""
+    core = client.CoreV1Api(k8s_api)
+
+    def logs(**kw: Any) -> str:
+        # The raw body: kubernetes-client >= 32 returns str(bytes) for pods/log otherwise.
+        return str(
+            core.read_namespaced_pod_log("talker", namespace, _preload_content=False, **kw).data.decode()
+        )
+
+    script = "for i in 1 2 3 4 5; do echo line $i; done; sleep 30"
+    core.create_namespaced_pod(namespace, pod_manifest("talker", ["sh", "-c", script]))
+    wait("pod Running", lambda: core.read_namespaced_pod("talker", namespace).status.phase == "Running", 60)
+    text = wait(
+        "five lines",
+        lambda: t if (t := logs(container="main")).count("\n") >= 5 else None,
+        30,
+    )
+    assert text == "".join(f"line {i}\n" for i in range(1, 6))
+    assert logs(tail_lines=2) == "line 4\nline 5\n"
+    assert logs(limit_bytes=7) == "line 1\n"
+    assert cluster.kubectl("-n", namespace, "logs", "talker", "--tail=1") == "line 5\n"
+    with pytest.raises(client.ApiException) as err:
+        logs(container="nope")
+    assert err.value.status == 400  # the API server checks the container name itself
+    core.delete_namespaced_pod("talker", namespace, grace_period_seconds=0)
+
+
+@pytest.mark.cluster
+def test_kubectl_logs_follow_streams_until_the_container_exits(
+    cluster: Cluster, k8s_api: Any, namespace: str
+) -> None:
+    core = client.CoreV1Api(k8s_api)
+    core.create_namespaced_pod(
+        namespace, pod_manifest("streamer", ["sh", "-c", "echo first; sleep 3; echo second"])
+    )
+    wait("pod Running", lambda: core.read_namespaced_pod("streamer", namespace).status.phase == "Running", 60)
+    # Started while the container runs; returns only once it has exited, with both lines.
+    assert cluster.kubectl("-n", namespace, "logs", "-f", "streamer", timeout=60) == "first\nsecond\n"
