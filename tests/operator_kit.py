@@ -231,22 +231,16 @@ class OperatorProcess:
 
 
 @contextmanager
-def in_process_operator(cluster: Cluster, *, progress_interval: float = 1.0, kubelets: list[Any] | None = None
-                        ) -> Iterator[Any]:  # fmt: skip
-    """The handlers under KopfRunner (same process as the kubelets, whose log files it reads)."""
+def in_process_operator(cluster: Cluster, *, progress_interval: float = 1.0) -> Iterator[Any]:
+    """The handlers under KopfRunner. Progress is read as in production: ``GET pods/log``
+    through the API server, which the process kubelet serves (tests/cluster/kubelet_api.py)."""
     from kopf.testing import KopfRunner
 
     from branchmerge_operator import handlers
     from branchmerge_operator.reconcile import OperatorConfig
 
-    async def read_log(namespace: str, pod: str, container: str) -> str:
-        for kubelet in kubelets or [cluster.kubelet]:
-            if text := str(kubelet.logs(namespace, pod, container)):  # "" on other nodes
-                return text
-        return ""
-
     saved = handlers.CONFIG
-    handlers.CONFIG = OperatorConfig(metrics_port=None, progress_interval=progress_interval, log_reader=read_log)
+    handlers.CONFIG = OperatorConfig(metrics_port=None, progress_interval=progress_interval)
     old = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
     try:

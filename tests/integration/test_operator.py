@@ -57,7 +57,7 @@ def fake(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @pytest.fixture(scope="module")
 def operator(cluster: Cluster, fake: Any) -> Iterator[Any]:
     install_crds(cluster)
-    with in_process_operator(cluster, progress_interval=1.0, kubelets=[fake[1], cluster.kubelet]) as runner:
+    with in_process_operator(cluster, progress_interval=1.0) as runner:
         yield runner
 
 
