@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import podspec
+from .dns import PodDNS
 from .kubelet_api import KubeletAPI
 from .podspec import NotReadyYet, PathMap
 
@@ -287,6 +288,8 @@ class _PodWorker(threading.Thread):
         paths = c.paths
         env = dict(c.env)
         env[podspec.PATH_MAP_ENV] = podspec.env_json(paths)
+        if self.pod["spec"].get("subdomain"):
+            env.update(self.kl.dns.env(self.ns))  # resolve <pod>.<service> names (dns.py)
         workdir = c.spec.get("workingDir")
         cwd = (
             Path(paths.path(workdir) or (c.dir / "root" / workdir.lstrip("/"))) if workdir else c.dir / "root"
@@ -602,6 +605,9 @@ class ProcessKubelet:
         self.node_failure_mode: NodeFailureMode = "fail"
         self._threads: list[threading.Thread] = []
         self._kubelet_api: KubeletAPI | None = None
+        #: DNS names of pods behind headless Services (dns.py), for pods with hostname+subdomain
+        self.dns = PodDNS(self.core, self.workdir / "dns")
+        self.dns_refresh_s = 1.0
 
     # ------------------------------------------------------------------ public API
 
@@ -610,7 +616,8 @@ class ProcessKubelet:
         # Container logs over HTTPS, as the API server's pods/log proxy expects (kubelet_api.py).
         self._kubelet_api = KubeletAPI(self._container_log, self.workdir / "pki").start()
         self._register()
-        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "watch")):
+        loops = ((self._heartbeat_loop, "heartbeat"), (self._watch_loop, "watch"), (self._dns_loop, "dns"))
+        for target, name in loops:
             t = threading.Thread(target=target, name=f"kubelet-{self.node_name}-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -881,6 +888,22 @@ class ProcessKubelet:
                 self._patch_node_status(ready=True, now=_now())
             except Exception as e:  # the apiserver may be restarting; try again next beat
                 log.warning("heartbeat of %s failed: %s", self.node_name, e)
+
+    def _dns_loop(self) -> None:
+        """Keep the hosts files of namespaces with running DNS-named pods current (a gang's
+        ranks start in any order; each must find rank 0 once it exists)."""
+        while not self.stopping.wait(self.dns_refresh_s):
+            with self._workers_lock:
+                namespaces = {
+                    w.ns
+                    for w in self.workers.values()
+                    if not w.done.is_set() and w.pod["spec"].get("subdomain")
+                }
+            for ns in sorted(namespaces):
+                try:
+                    self.dns.refresh(ns)
+                except Exception as e:  # the apiserver may be restarting; try again
+                    log.warning("DNS refresh of %s failed: %s", ns, e)
 
     # ------------------------------------------------------------------ pods
 

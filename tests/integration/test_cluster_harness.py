@@ -788,3 +788,57 @@ def test_kubectl_logs_follow_streams_until_the_container_exits(
     wait("pod Running", lambda: core.read_namespaced_pod("streamer", namespace).status.phase == "Running", 60)
     # Started while the container runs; returns only once it has exited, with both lines.
     assert cluster.kubectl("-n", namespace, "logs", "-f", "streamer", timeout=60) == "first\nsecond\n"
+
+
+@pytest.mark.cluster
+def test_pods_behind_a_headless_service_resolve_each_other(k8s_api: Any, namespace: str) -> None:
+    """<hostname>.<subdomain> names, as CoreDNS serves them, for a gang's rendezvous."""
+    core = client.CoreV1Api(k8s_api)
+    core.create_namespaced_service(
+        namespace,
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "gang"},
+         "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"gang": "g"},
+                  "ports": [{"port": 29500}]}},
+    )  # fmt: skip
+    probe = (
+        "import socket, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    try: print(name, socket.getaddrinfo(name, 29500, type=socket.SOCK_STREAM)[0][4][0])\n"
+        "    except OSError: print(name, 'unresolved')\n"
+    )
+    names = [
+        "r0.gang",
+        f"r0.gang.{namespace}.svc",
+        f"r0.gang.{namespace}.svc.cluster.local",
+        "loner.gang",
+        "localhost",
+    ]
+    for name in ("r0", "r1"):
+        pod = pod_manifest(name, [sys.executable, "-c", probe, *names] if name == "r1" else ["sleep", "60"],
+                           hostname=name, subdomain="gang")  # fmt: skip
+        pod["metadata"]["labels"] = {"gang": "g"}
+        core.create_namespaced_pod(namespace, pod)
+    # A pod with a DNS name but not selected by the Service gets no record.
+    core.create_namespaced_pod(
+        namespace, pod_manifest("loner", ["sleep", "60"], hostname="loner", subdomain="gang")
+    )
+    wait(
+        "r1 done",
+        lambda: core.read_namespaced_pod("r1", namespace).status.phase in ("Succeeded", "Failed"),
+        60,
+    )
+    out = cluster_logs(k8s_api, namespace, "r1")
+    assert out.splitlines() == [
+        "r0.gang 127.0.0.1",
+        f"r0.gang.{namespace}.svc 127.0.0.1",
+        f"r0.gang.{namespace}.svc.cluster.local 127.0.0.1",
+        "loner.gang unresolved",
+        "localhost 127.0.0.1",
+    ], out
+    for name in ("r0", "loner"):
+        core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+
+
+def cluster_logs(k8s_api: Any, namespace: str, pod: str) -> str:
+    raw = client.CoreV1Api(k8s_api).read_namespaced_pod_log(pod, namespace, _preload_content=False)
+    return str(raw.data.decode())
