@@ -19,19 +19,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
 from . import metrics
 from .kube import Endpoint, KubeClient
 from .naming import GROUP, LABEL_DISTILLATION, VERSION
-from .observe import pod_owner_key, redact, slim, slim_pod
+from .observe import pod_owner_key, slim, slim_pod
 from .reconcile import (
     DEBOUNCE_GANG,
     DEBOUNCE_PARENT,
     IDX_DISTILLATIONS,
-    MAX_BACKOFF,
     OperatorConfig,
     Runtime,
 )
@@ -75,9 +74,7 @@ def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) 
     """kopf settings: our finalizer and annotation names, watch timeouts, peering."""
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = EssenceStorage(prefix=GROUP, key="last-handled-configuration")
     # Server-side watch timeout below any load balancer's idle cut-off; the client gives up
     # a little later, then kopf re-watches from the last resourceVersion.
     settings.watching.server_timeout = config.watch_server_timeout
@@ -93,6 +90,50 @@ def configure_settings(settings: kopf.OperatorSettings, config: OperatorConfig) 
         settings.peering.name = config.peering
         settings.peering.mandatory = True
     settings.execution.max_workers = 4
+    # Namespaced mode runs without a ClusterRole (manifests/rbac/namespaced): kopf's discovery
+    # of namespaces and CRDs would get 403s, which kopf retries for ~54 s before falling back
+    # to the named namespaces — a minute before the first reconcile. Discovery is needed only
+    # to follow namespace patterns ('team-*'), so it stays on when one is given.
+    if not config.clusterwide and all(specific_namespace(ns) for ns in config.namespaces):
+        settings.scanning.disabled = True
+
+
+def specific_namespace(pattern: str) -> bool:
+    """A namespace name, not a kopf pattern (globs, negations, lists)."""
+    return not any(c in pattern for c in "!*?,")
+
+
+#: (group, kind) of resources with kopf change handlers (create/update/resume): the only ones
+#: whose essence kopf uses. None at present: every resource is driven by events.
+CHANGE_HANDLED_KINDS: frozenset[tuple[str, str]] = frozenset()
+_ESSENCE_METADATA = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences")
+
+
+class EssenceStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf's annotation diff-base storage, without its largest per-event CPU cost.
+
+    On *every* watch event of every watched resource, kopf builds the object's "essence" (what
+    change handlers diff) by deep-copying the whole body — managedFields, status, a pod's spec —
+    and then dropping all but the spec, labels and annotations. In a burst that was a third of
+    the operator's CPU. The essence is only used for resources with change handlers
+    (``tracked``), and there it is built from the fields it keeps (the result is identical to
+    kopf's); other resources (event handlers and indexes only) get an empty one.
+    """
+
+    def __init__(self, *, tracked: frozenset[tuple[str, str]] = CHANGE_HANDLED_KINDS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tracked = tracked
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        if extra_fields:
+            return super().build(body=body, extra_fields=extra_fields)
+        group = str(body.get("apiVersion") or "").partition("/")[0]
+        if (group, body.get("kind")) not in self.tracked:
+            return kopf.BodyEssence()
+        m = body.get("metadata") or {}
+        light = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+        light["metadata"] = {k: m[k] for k in _ESSENCE_METADATA if k in m}
+        return super().build(body=kopf.Body(cast(kopf.RawBody, light)))
 
 
 # --------------------------------------------------------------------------- lifecycle
@@ -203,24 +244,21 @@ async def bm_pods(namespace: str | None, body: kopf.Body, labels: kopf.Labels, *
 # --------------------------------------------------------------------------- Distillation
 
 
-def _retry(kind: str, error: BaseException | None) -> None:
-    if error is not None:
-        raise kopf.TemporaryError(f"{kind} reconcile failed: {redact(str(error), 300)}", delay=min(MAX_BACKOFF, 5.0))
-
-
-@kopf.on.resume(*DISTILLATIONS)
-@kopf.on.create(*DISTILLATIONS)
-@kopf.on.update(*DISTILLATIONS)
-async def distillation_changed(namespace: str | None, name: str, **kwargs: Any) -> None:
-    """Spec created or changed, or the operator (re)started: reconcile now."""
-    _retry("Distillation", await _rt(kwargs).distillations.run((str(namespace), name)))
-
-
 @kopf.on.event(*DISTILLATIONS)
-async def distillation_event(namespace: str | None, name: str, type: str, **kwargs: Any) -> None:
-    """Deleted: drop our bookkeeping (children go with the garbage collector)."""
-    if type == "DELETED":
-        _rt(kwargs).distillations.trigger((str(namespace), name))
+async def distillation_event(namespace: str | None, name: str, type: str, body: kopf.Body, **kwargs: Any) -> None:
+    """Level-based, like BranchJobs: a Distillation listed at startup (resume), created, edited
+    or deleted is reconciled; the echo of our own status write is not (nothing new in it).
+
+    Driven by events alone — no kopf change handlers — so kopf writes no
+    `last-handled-configuration` annotation (one API write and one watch event per object and
+    generation fewer) and does no per-handler progress bookkeeping. Failures are retried by
+    the reconciler with backoff; deletions drop our bookkeeping (children go with the garbage
+    collector).
+    """
+    rt = _rt(kwargs)
+    ns = str(namespace)
+    if type == "DELETED" or not rt.own_write("Distillation", ns, name, body):
+        rt.distillations.trigger((ns, name))
 
 
 async def resync_forever(rt: Runtime, interval: float) -> None:

@@ -568,21 +568,46 @@ class Runtime:
             self.progress.drop(key)
             self.branchjobs.forget(key)
             return None
-        pods = self.overlay.many("Pod", ns, self._values(IDX_PODS, (ns, "BranchJob", name)), lambda o: owned_by(o, "BranchJob", name))
+        pods = self._gang_pods(ns, name)
         attempt = int((body.get("status") or {}).get("attempt") or 0)
         uid0, progress = await self._rank0_progress(key, pods, attempt)
         observed = [ObservedPod.from_object(p, progress if uid0 and meta(p).get("uid") == uid0 else None) for p in pods]
         model = self._model(body)
-        plan = plan_branchjob(model, observed, self.clock())  # type: ignore[arg-type]
-        deferred = await self.apply_branchjob(body, plan, {str(meta(p)["name"]): p for p in pods},
-                                              model if isinstance(model, BranchJob) else None)
+        now = self.clock()
+        plan = plan_branchjob(model, observed, now)  # type: ignore[arg-type]
+
+        def replan(settled: Obj) -> BranchJobPlan:
+            fresh = [ObservedPod.from_object(p, progress if uid0 and meta(p).get("uid") == uid0 else None)
+                     for p in self._gang_pods(ns, name)]  # fmt: skip
+            return plan_branchjob(self._model(settled), fresh, now)  # type: ignore[arg-type]
+
+        deferred, plan = await self.apply_branchjob(body, plan, {str(meta(p)["name"]): p for p in pods},
+                                                    model if isinstance(model, BranchJob) else None, replan)
         poll = self.config.progress_interval if plan.status.phase == "Running" else None
         return _soonest(plan.requeue_after, poll, deferred)
 
+    def _gang_pods(self, ns: str, name: str) -> list[Obj]:
+        return self.overlay.many("Pod", ns, self._values(IDX_PODS, (ns, "BranchJob", name)), lambda o: owned_by(o, "BranchJob", name))
+
     async def apply_branchjob(
-        self, body: Obj, plan: BranchJobPlan, pods: Mapping[str, Obj], model: BranchJob | None = None
-    ) -> float | None:
-        """Apply a plan; returns a requeue delay when the status write was deferred."""
+        self,
+        body: Obj,
+        plan: BranchJobPlan,
+        pods: Mapping[str, Obj],
+        model: BranchJob | None = None,
+        replan: Callable[[Obj], BranchJobPlan] | None = None,
+    ) -> tuple[float | None, BranchJobPlan]:
+        """Apply a plan. Returns a requeue delay when the status write was deferred, and the
+        plan whose status was written.
+
+        A plan that created the gang is followed, before its status is written, by a plan of
+        the world as it is after those creates (``replan``: the created pods are in the
+        read-your-writes overlay; the status the first plan decided — attempt, restarts — is
+        its starting point). Without that, the status first says "creating N pod(s)" and,
+        a moment later when the pods' watch events arrive, "0/N pod(s) running": two status
+        writes, two watch events and a parent re-plan for one transition. The first plan's
+        events are kept; the settled plan is used only when it asks for no further changes.
+        """
         ns, name = str(meta(body)["namespace"]), str(meta(body)["name"])
         await _gather(self._delete("Pod", ns, p, meta(pods.get(p) or {}).get("uid")) for p in plan.delete_pods)
         if plan.delete_service and plan.service is None:
@@ -604,9 +629,14 @@ class Runtime:
         # container starts).
         await _gather(creates)
         before = body.get("status") or {}
+        events = list(plan.events)
+        if creates and replan is not None and not plan.delete_pods and not plan.delete_service:
+            settled = replan({**body, "status": merge_patch_into(before, plan.status_patch())})
+            if not (settled.create_pods or settled.delete_pods or settled.service or settled.delete_service):
+                plan, events = settled, [*events, *settled.events]
         fresh, deferred = await self._write_status("BranchJob", body, plan.status_patch())
         if deferred is None:
-            self._emit(fresh, plan.events)
+            self._emit(fresh, events)
         after = plan.status
         restarts = after.restarts - int(before.get("restarts") or 0)
         disruptions = after.disruptions - int(before.get("disruptions") or 0)
@@ -621,7 +651,7 @@ class Runtime:
                 metrics.STAGE_SECONDS.labels("branch", after.phase).observe(max(0.0, (end - start).total_seconds()))
         self._track("BranchJob", (ns, name), after.phase,
                     {"branch": after.phase in ("Pending", "Running", "Restarting")})  # fmt: skip
-        return deferred
+        return deferred, plan
 
     async def close(self) -> None:
         for task in self._background:

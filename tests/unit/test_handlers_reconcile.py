@@ -295,22 +295,34 @@ def test_narrative_status_changes_are_rate_limited_decisions_are_not() -> None:
     async def go() -> None:
         client, now = FakeClient(), [NOW]
         rt, idx = make_runtime(client, now)
+        rt.progress.interval = 0  # read rank 0's log on every pass
         client.objects[("Distillation", "ns", "tiny")] = distillation_body()
         sync_indexes(client, idx)
         await rt.reconcile_distillation(("ns", "tiny"))
         sync_indexes(client, idx)
-        await rt.reconcile_branchjob(("ns", "tiny-code"))  # gang created: status "Creating"
-        sync_indexes(client, idx)
+        client.writes.clear()
+        await rt.reconcile_branchjob(("ns", "tiny-code"))
+        # Gang created; its status is written once, already describing the pods just created
+        # (not "creating", then "0/1 running" a moment later).
+        assert writes_of(client, "patch/status", "BranchJob") == ["tiny-code"]
+        st = client.objects[("BranchJob", "ns", "tiny-code")]["status"]
+        assert (st["phase"], st["reason"], st["message"]) == ("Pending", "Starting", "0/1 pod(s) running")
         client.objects[("Pod", "ns", "tiny-code-0")]["status"] = pod_status("Pending")
         sync_indexes(client, idx)
         client.writes.clear()
-        delay = await rt.reconcile_branchjob(("ns", "tiny-code"))  # "Starting": narrative only
-        assert client.writes == [] and delay is not None and delay <= 2.0
+        await rt.reconcile_branchjob(("ns", "tiny-code"))  # the watch caught up: nothing new
+        assert client.writes == []
         client.objects[("Pod", "ns", "tiny-code-0")]["status"] = pod_status("Running")
+        client.logs["tiny-code-0"] = 'BRANCHMERGE_PROGRESS {"step":1,"totalSteps":10,"loss":2.0}\n'
         sync_indexes(client, idx)
         await rt.reconcile_branchjob(("ns", "tiny-code"))  # Running: a new phase, written at once
         assert client.writes == [("patch/status", "BranchJob", "tiny-code")]
         assert client.objects[("BranchJob", "ns", "tiny-code")]["status"]["phase"] == "Running"
+        client.logs["tiny-code-0"] = 'BRANCHMERGE_PROGRESS {"step":2,"totalSteps":10,"loss":1.5}\n'
+        client.writes.clear()
+        delay = await rt.reconcile_branchjob(("ns", "tiny-code"))  # progress: narrative only
+        assert client.writes == [] and delay is not None and delay <= 2.0
+        assert client.objects[("BranchJob", "ns", "tiny-code")]["status"]["progress"]["step"] == 1
 
     asyncio.run(go())
 
