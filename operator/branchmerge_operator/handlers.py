@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from typing import Any, cast
 
@@ -50,12 +51,36 @@ CONFIG = OperatorConfig(metrics_port=None)
 
 
 class _State:
+    gc_tuned = False
     runtime: Runtime | None = None
     endpoint: Endpoint | None = None
     metrics_port: int | None = None
 
 
 _state = _State()
+
+
+#: Allocations between young-generation collections (CPython's default is 700).
+GC_GEN0_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Once per process, when the operator starts: move everything allocated so far (kopf,
+    pydantic's compiled schemas, the API models — all of it lives as long as the process) out
+    of the cyclic garbage collector's reach, and collect the young generation less often.
+
+    Each watch event allocates thousands of short-lived dicts; with CPython's defaults the
+    collector ran a full collection over the whole heap every few hundred events — a quarter
+    of the operator's CPU in a burst. Reference counting still frees almost everything at
+    once; only garbage in reference cycles waits for the (now rarer) collections.
+    """
+    if _state.gc_tuned:
+        return
+    _state.gc_tuned = True
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)
 
 
 def current_runtime() -> Runtime:
@@ -142,6 +167,7 @@ class EssenceStorage(kopf.AnnotationsDiffBaseStorage):
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure_settings(settings, CONFIG)
+    tune_gc()
     if _state.runtime is not None:
         await _state.runtime.close()
     rt = Runtime(CONFIG)

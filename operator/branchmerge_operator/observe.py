@@ -325,9 +325,12 @@ def job_pod_message(pods: Iterable[Obj], job_phase: str) -> str | None:
 
 
 def merge_patch_into(current: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch (to tell whether a status patch would change anything)."""
+    """RFC 7386 JSON merge patch (to tell whether a status patch would change anything).
+
+    Dicts on the path are new; other values (lists, scalars) are shared with ``current`` and
+    ``patch``, not copied — callers compare and read the result, and never mutate it."""
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
+        return patch
     out = dict(current) if isinstance(current, dict) else {}
     for key, value in patch.items():
         if value is None:

@@ -71,3 +71,22 @@ def test_scanning_is_disabled_for_named_namespaces_only() -> None:
     assert not scanning(OperatorConfig(clusterwide=False, namespaces=["team-a"]))
     assert not scanning(OperatorConfig(clusterwide=False, namespaces=["team-a", "team-b"]))
     assert scanning(OperatorConfig(clusterwide=False, namespaces=["team-*"]))
+
+
+def test_gc_is_tuned_once_per_process() -> None:
+    import gc
+
+    before = gc.get_threshold()
+    tuned = handlers._state.gc_tuned
+    try:
+        handlers._state.gc_tuned = False
+        handlers.tune_gc()
+        assert gc.get_threshold()[0] >= handlers.GC_GEN0_THRESHOLD
+        assert gc.get_freeze_count() > 0
+        gc.set_threshold(*before)
+        handlers.tune_gc()  # a second operator start in the same process changes nothing
+        assert gc.get_threshold() == before
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+        handlers._state.gc_tuned = tuned
