@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -233,6 +234,58 @@ def check_supported(model: Any) -> None:
             raise UnsupportedModel("unexpected attention module")
 
 
+def _linear_torch(x: torch.Tensor, m: Any) -> torch.Tensor:
+    return F.linear(x, m.weight, m.bias)
+
+
+def _linear_onednn(x: torch.Tensor, m: Any) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, m.weight, m.bias, "none", [], "")
+
+
+def _pick_linear(model: Any, device: torch.device, dtype: torch.dtype, rows: int) -> tuple[Callable[[torch.Tensor, Any], torch.Tensor], str]:
+    """The faster of torch's two fp32 CPU GEMM paths for this model's shapes: ``F.linear``
+    (MKL) or oneDNN's linear (torch's ``mkldnn._linear_pointwise``, the kernel torch.compile
+    uses on CPU). They compute the same fp32 dot products in a different summation order (the
+    results agree to fp32 rounding, checked here); which is faster depends on the CPU —
+    oneDNN uses AVX-512 on AMD Zen, where MKL does not (measured 2x on this project's bench
+    machine). Timed once here on the model's widest MLP weight at ``rows`` rows; anything
+    other than fp32 on CPU keeps ``F.linear``.
+    """
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if device.type != "cpu" or dtype != torch.float32 or op is None or not torch.backends.mkldnn.is_available():
+        return _linear_torch, "torch"
+    weight = max((m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)), key=lambda w: w.numel())
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+    x = torch.randn(max(2, rows), weight.shape[1], generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            ref, got = _linear_torch(x, layer), _linear_onednn(x, layer)
+            exact = x.double() @ weight.detach().double().t()
+            err_torch, err_onednn = (ref.double() - exact).abs().max().item(), (got.double() - exact).abs().max().item()
+            if err_onednn > 4 * err_torch + 1e-6 * exact.abs().max().item():
+                return _linear_torch, "torch"  # not plain fp32 (a reduced-precision math mode)
+            times = {}
+            for name, fn in (("torch", _linear_torch), ("onednn", _linear_onednn)):
+                best = float("inf")
+                for _ in range(5):
+                    start = time.perf_counter()
+                    fn(x, layer)
+                    best = min(best, time.perf_counter() - start)
+                times[name] = best
+    except (RuntimeError, TypeError):
+        return _linear_torch, "torch"
+    if times["onednn"] < 0.9 * times["torch"]:
+        return _linear_onednn, "onednn"
+    return _linear_torch, "torch"
+
+
+def _is_plain_mlp(mlp: Any) -> bool:
+    """``down(act(gate(x)) * up(x))`` with plain linear layers (Qwen2/3, Llama, Mistral)."""
+    parts = [getattr(mlp, a, None) for a in ("gate_proj", "up_proj", "down_proj")]
+    return callable(getattr(mlp, "act_fn", None)) and all(isinstance(p, torch.nn.Linear) for p in parts)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -306,6 +359,13 @@ class _SlotCache:
         self.start = [x + shift for x in self.start]
         self.end += shift
 
+    def move_row(self, src: int, dst: int) -> None:
+        """Slot ``dst`` takes over slot ``src``'s K/V (``src`` becomes free)."""
+        lo = self.start[src]
+        for buf in (*self.k, *self.v):
+            buf[dst, :, lo : self.end] = buf[src, :, lo : self.end]
+        self.start[dst] = lo
+
     def select(self, slots: Sequence[int]) -> None:
         """Keep these slots, in this order (to shrink the batch, or to sort it by age)."""
         index = torch.tensor(slots, device=self.k[0].device)
@@ -317,8 +377,14 @@ class _SlotCache:
 class ContinuousBatchingGenerator(Generator):
     """Our engine: a fixed number of slots, each refilled with the next prompt the moment its
     row stops, so every step computes ``max_batch`` live rows instead of waiting for the
-    longest row of a static batch. New prompts are prefilled together (left-padded) and their
-    K/V copied into the free slots; decode steps run one token for every slot at once.
+    longest row of a static batch.
+
+    Each step is one forward pass over a flat list of tokens: the next token of every live
+    row plus the whole prompts of the rows just admitted (prefill and decode share the
+    GEMMs, so the weights are read from memory once per step, and no padding is computed).
+    Once the queue is empty, finished rows' slots are filled by moving the last live rows
+    down, so the tail attends over live slots only. Linear layers use the faster of torch's
+    fp32 CPU GEMM paths for the machine (see :func:`_pick_linear`).
     """
 
     name = "continuous"
@@ -339,8 +405,8 @@ class ContinuousBatchingGenerator(Generator):
     ) -> None:
         """``headroom``: K/V columns allocated beyond the first prompts; the cache grows
         (doubling) or compacts when it runs out, so this only trades memory for copies.
-        ``admit_group``: refill once this many slots are free (1: at once; measured no
-        faster grouped on CPU, where prefill is compute-bound).
+        ``admit_group``: refill once this many slots are free (1: at once; new prompts are
+        prefilled inside the next decode step, so refilling early costs no extra pass).
         ``attention_group`` / ``regroup_every``: decode attention runs per group of this many
         slots, each over its own oldest row's span; every ``regroup_every`` steps the slots
         are re-sorted by age when that shortens the spans enough."""
@@ -361,34 +427,45 @@ class ContinuousBatchingGenerator(Generator):
         attn = self.inner.layers[0].self_attn
         self.head_dim = int(getattr(attn, "head_dim", config.hidden_size // config.num_attention_heads))
         self.kv_heads = int(config.num_key_value_heads)
+        self.q_heads = int(config.num_attention_heads)
+        self._plain_mlp = all(_is_plain_mlp(layer.mlp) for layer in self.inner.layers)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self._linear, self.linear_backend = _pick_linear(model, self.device, self.dtype, max_batch)
 
     # -- the model, with our attention ------------------------------------------------
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: _Attend) -> torch.Tensor:
-        """Logits of the last position of each row. ``attend(layer, q, k, v, scale)`` stores
-        the new keys and values and returns the attention output."""
-        x = self.inner.embed_tokens(ids)
-        cos, sin = self.inner.rotary_emb(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        n, t = ids.shape
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, attend: _Attend) -> torch.Tensor:
+        """Logits at the token indices ``last``, for one flat sequence of tokens from many rows
+        (``ids``, ``positions``: ``[tokens]``). The projections and the MLP see every token of
+        the step in one GEMM whatever row it belongs to; ``attend(layer, q, k, v, scale)``
+        (``[tokens, heads, head_dim]`` each) stores the new keys/values and attends per row."""
+        x = self.inner.embed_tokens(ids[None])
+        cos, sin = self.inner.rotary_emb(x, positions[None])
+        cos, sin = cos[0, :, None], sin[0, :, None]
+        x = x[0]
+        t = ids.shape[0]
+        lin = self._linear
         for i, layer in enumerate(self.inner.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(n, t, -1, self.head_dim)
-            k = attn.k_proj(h).view(n, t, -1, self.head_dim)
-            v = attn.v_proj(h).view(n, t, -1, self.head_dim).transpose(1, 2)
+            q = lin(h, attn.q_proj).view(t, -1, self.head_dim)
+            k = lin(h, attn.k_proj).view(t, -1, self.head_dim)
+            v = lin(h, attn.v_proj).view(t, -1, self.head_dim)
             if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head
                 q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             o = attend(i, q, k, v, attn.scaling)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(n, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = self.inner.norm(x[:, -1])
-        return self.model.lm_head(x).float()
+            x = x + lin(o.reshape(t, -1), attn.o_proj)
+            h = layer.post_attention_layernorm(x)
+            mlp = layer.mlp
+            if self._plain_mlp:
+                x = x + lin(mlp.act_fn(lin(h, mlp.gate_proj)) * lin(h, mlp.up_proj), mlp.down_proj)
+            else:
+                x = x + mlp(h)
+        x = self.inner.norm(x.index_select(0, last))
+        return lin(x, self.model.lm_head).float()
 
     # -- scheduling --------------------------------------------------------------------
 
@@ -398,9 +475,8 @@ class ContinuousBatchingGenerator(Generator):
         if not requests:
             return []
         self._steps = 0
-        # Longest prompts first: admitted groups have similar lengths (little padding in
-        # prefill) and later prompts always fit left of the cache's end (no shifting).
-        # Samples of one prompt stay adjacent, so they share one prefill.
+        # Longest prompts first: later prompts always fit left of the cache's end (no
+        # shifting). Samples of one prompt stay adjacent, so they share one prefill.
         queue = deque(sorted(range(len(requests)), key=lambda i: -len(requests[i].prompt_ids)))
         slots: list[_Row | None] = [None] * min(self.max_batch, len(requests))
         longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
@@ -418,32 +494,18 @@ class ContinuousBatchingGenerator(Generator):
                 on_done(row.index, out)
 
         while True:
-            free = [s for s, r in enumerate(slots) if r is None]
             live = [s for s, r in enumerate(slots) if r is not None]
-            if queue and free and (len(free) >= self.admit_group or not live):
-                self._admit(requests, queue, free, slots, cache, max_capacity, done)
-                continue  # admitted rows may have finished at once; refill again
-            if not live:
+            if not live and not queue:
                 break
-            if not queue and len(live) <= len(slots) // 2:
-                cache.select(live)  # shrink the batch: stop computing empty slots
-                slots = [slots[s] for s in live]
-            self._decode(slots, cache, max_capacity, done)
+            if not queue:
+                self._compact(slots, cache)
+            self._step(requests, queue, slots, cache, max_capacity, done)
         return [r for r in results if r is not None]
 
-    def _admit(
-        self,
-        requests: Sequence[GenerationRequest],
-        queue: deque[int],
-        free: list[int],
-        slots: list[_Row | None],
-        cache: _SlotCache,
-        max_capacity: int,
-        done: Callable[[_Row, Literal["stop", "length"]], None],
-    ) -> None:
-        """Prefill the next prompts into the free slots and pick their first tokens."""
+    def _take(self, requests: Sequence[GenerationRequest], queue: deque[int], n: int, done: Callable[[_Row, Literal["stop", "length"]], None]) -> list[_Row]:
+        """The next ``n`` requests that need at least one token."""
         rows: list[_Row] = []
-        while queue and len(rows) < len(free):
+        while queue and len(rows) < n:
             i = queue.popleft()
             r = requests[i]
             if not r.prompt_ids:
@@ -461,101 +523,128 @@ class ContinuousBatchingGenerator(Generator):
                 done(row, "length")
                 continue
             rows.append(row)
-        if not rows:
-            return
-        # Samples of one problem share their prompt: prefill each distinct prompt once and
-        # copy its K/V into every slot that needs it (16× less prefill for AIME's protocol).
-        unique: dict[tuple[int, ...], int] = {}
-        for row in rows:
-            unique.setdefault(row.prompt, len(unique))
-        prompts = list(unique)
-        width = max(len(p) for p in prompts)
-        live = [s for s, r in enumerate(slots) if r is not None]
-        cache.ensure_left(width, live, max_capacity)
-        n = len(prompts)
-        ids = torch.full((n, width), self.pad, dtype=torch.long)
-        positions = torch.ones((n, width), dtype=torch.long)  # padding positions are masked anyway
-        valid = torch.zeros((n, width), dtype=torch.bool)
-        for j, prompt in enumerate(prompts):
-            p = len(prompt)
-            ids[j, width - p :] = torch.tensor(prompt)
-            positions[j, width - p :] = torch.arange(p)
-            valid[j, width - p :] = True
-        causal = torch.ones((width, width), dtype=torch.bool).tril()
-        # A padding query attends to itself only, so no row of the mask is empty (NaN).
-        mask = (causal & valid[:, None, :]) | torch.eye(width, dtype=torch.bool)
-        targets = free[: len(rows)]
-        index = torch.tensor(targets, device=self.device)
-        source = torch.tensor([unique[r.prompt] for r in rows], device=self.device)
-        shared = n < len(rows)
-        lo = cache.end - width
+        return rows
 
-        attn_mask = mask[:, None].to(self.device)
-
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-            rk, rv = (k.index_select(0, source), v.index_select(0, source)) if shared else (k, v)
-            cache.k[layer][:, :, lo : cache.end].index_copy_(0, index, rk)
-            cache.v[layer][:, :, lo : cache.end].index_copy_(0, index, rv)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=True)
-
-        logits = self._forward(ids.to(self.device), positions.to(self.device), attend)
-        if shared:
-            logits = logits.index_select(0, source)
-        for s, row in zip(targets, rows, strict=True):
-            cache.start[s] = cache.end - len(row.prompt)
-            slots[s] = row
-        self._advance(rows, targets, logits, slots, done)
-
-    def _decode(
+    def _step(
         self,
+        requests: Sequence[GenerationRequest],
+        queue: deque[int],
         slots: list[_Row | None],
         cache: _SlotCache,
         max_capacity: int,
         done: Callable[[_Row, Literal["stop", "length"]], None],
     ) -> None:
-        """One token for every slot."""
+        """One forward pass: the next token of every live row, and the prefill of new prompts
+        into the free slots, in the same GEMMs (the weights are read once for both).
+
+        The cache is right-aligned: every live row writes its token at column ``col``; a new
+        prompt of ``p`` tokens fills columns ``col - p + 1 .. col`` of its slot, so from the
+        next step on it is one more row writing at the common end.
+        """
         live = [s for s, r in enumerate(slots) if r is not None]
         cache.reserve(live, 1, max_capacity)
-        col = cache.end
         for s, row in enumerate(slots):
             if row is None:
-                cache.start[s] = col  # an empty slot attends to its own column only
+                cache.start[s] = cache.end  # an empty slot attends to its own column only
         self._steps += 1
-        if self._steps % self.regroup_every == 0:
-            self._sort_by_age(slots, cache, col)
+        if live and self._steps % self.regroup_every == 0:
+            self._sort_by_age(slots, cache, cache.end)
             live = [s for s, r in enumerate(slots) if r is not None]
-        tokens = [self.pad] * len(slots)
-        positions = [0] * len(slots)
+        free = [s for s, r in enumerate(slots) if r is None]
+        new: list[_Row] = []
+        if queue and free and (len(free) >= self.admit_group or not live):
+            new = self._take(requests, queue, len(free), done)
+        if not live and not new:
+            return
+        # Samples of one problem share their prompt: prefill each distinct prompt once and
+        # copy its K/V into every slot that needs it (16x less prefill for AIME's protocol).
+        unique: dict[tuple[int, ...], int] = {}
+        for row in new:
+            unique.setdefault(row.prompt, len(unique))
+        prompts = list(unique)
+        if prompts:
+            cache.ensure_left(max(len(p) for p in prompts), live, max_capacity)
+        col = cache.end
+        targets = free[: len(new)]
+        dests: list[list[int]] = [[] for _ in prompts]
+        for s, row in zip(targets, new, strict=True):
+            dests[unique[row.prompt]].append(s)
+            cache.start[s] = col  # until the forward is done (their decode rows are unused)
+
+        n_live = len(live)
+        tokens: list[int] = []
+        positions: list[int] = []
         for s in live:
             row = slots[s]
             assert row is not None
-            tokens[s] = row.generated[-1]
-            positions[s] = len(row.prompt) + len(row.generated) - 1
-        groups = self._attention_groups(cache.start, col)
+            tokens.append(row.generated[-1])
+            positions.append(len(row.prompt) + len(row.generated) - 1)
+        spans: list[tuple[int, int]] = []
+        for prompt in prompts:
+            spans.append((len(tokens), len(prompt)))
+            tokens.extend(prompt)
+            positions.extend(range(len(prompt)))
+        last = list(range(n_live)) + [off + p - 1 for off, p in spans]
+
+        # Decode attention runs over slots [0, m) only: empty slots past the last live one
+        # (the tail, kept packed by _compact) cost nothing.
+        m = max(live) + 1 if live else 0
+        dense = live == list(range(m))
+        live_index = torch.tensor(live, device=self.device)
+        groups = self._attention_groups(cache.start[:m], col) if n_live else []
+        heads = self.q_heads
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
             keys, values = cache.k[layer], cache.v[layer]
-            keys[:, :, col : col + 1] = k
-            values[:, :, col : col + 1] = v
-            outs = [
-                F.scaled_dot_product_attention(
-                    q[a:b],
-                    keys[a:b, :, lo : col + 1],
-                    values[a:b, :, lo : col + 1],
-                    attn_mask=mask,
-                    scale=scale,
-                    enable_gqa=True,
+            outs: list[torch.Tensor] = []
+            if n_live:
+                kd, vd, qd = k[:n_live, :, None], v[:n_live, :, None], q[:n_live, :, None]
+                if dense:
+                    keys[:m, :, col : col + 1] = kd
+                    values[:m, :, col : col + 1] = vd
+                else:
+                    keys[:m, :, col : col + 1].index_copy_(0, live_index, kd)
+                    values[:m, :, col : col + 1].index_copy_(0, live_index, vd)
+                    qd = qd.new_zeros((m, heads, 1, self.head_dim)).index_copy_(0, live_index, qd)
+                o = torch.cat([
+                    F.scaled_dot_product_attention(
+                        qd[a:b], keys[a:b, :, lo : col + 1], values[a:b, :, lo : col + 1],
+                        attn_mask=mask, scale=scale, enable_gqa=True,
+                    )
+                    for a, b, lo, mask in groups
+                ]) if len(groups) > 1 else F.scaled_dot_product_attention(
+                    qd, keys[:m, :, groups[0][2] : col + 1], values[:m, :, groups[0][2] : col + 1],
+                    attn_mask=groups[0][3], scale=scale, enable_gqa=True,
+                )  # fmt: skip
+                if not dense:
+                    o = o.index_select(0, live_index)
+                outs.append(o[:, :, 0])
+            for (off, p), slots_of in zip(spans, dests, strict=True):
+                kp, vp = k[off : off + p].transpose(0, 1), v[off : off + p].transpose(0, 1)
+                for s in slots_of:
+                    keys[s, :, col - p + 1 : col + 1] = kp
+                    values[s, :, col - p + 1 : col + 1] = vp
+                o = F.scaled_dot_product_attention(
+                    q[off : off + p].transpose(0, 1)[None], kp[None], vp[None], is_causal=True, scale=scale, enable_gqa=True
                 )
-                for a, b, lo, mask in groups
-            ]
+                outs.append(o[0].transpose(0, 1))
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-        ids = torch.tensor(tokens, device=self.device)[:, None]
-        pos = torch.tensor(positions, device=self.device)[:, None]
-        logits = self._forward(ids, pos, attend)
+        logits = self._forward(
+            torch.tensor(tokens, device=self.device),
+            torch.tensor(positions, device=self.device),
+            torch.tensor(last, device=self.device),
+            attend,
+        )
         cache.end = col + 1
-        rows = [slots[s] for s in live]
-        self._advance([r for r in rows if r is not None], live, logits[live], slots, done)
+        for s, row in zip(targets, new, strict=True):
+            cache.start[s] = col + 1 - len(row.prompt)
+            slots[s] = row
+        if len(prompts) < len(new):  # shared prompts: one logits row per new row
+            source = torch.tensor([n_live + unique[row.prompt] for row in new], device=self.device)
+            logits = torch.cat([logits[:n_live], logits.index_select(0, source)])
+        rows = [r for r in (slots[s] for s in live) if r is not None] + new
+        self._advance(rows, live + targets, logits, slots, done)
 
     def _attention_groups(self, starts: Sequence[int], col: int) -> list[tuple[int, int, int, torch.Tensor]]:
         """Slot ranges ``[a, b)``, the first column ``lo`` each attends from, and their masks.
@@ -575,6 +664,17 @@ class ContinuousBatchingGenerator(Generator):
             (a, b, lo, (torch.arange(lo, col + 1, device=self.device)[None, :] >= start[a:b, None])[:, None, None, :])
             for a, b, lo in spans
         ]
+
+    @staticmethod
+    def _compact(slots: list[_Row | None], cache: _SlotCache) -> None:
+        """Once no prompt is waiting, keep the live rows in slots ``[0, live)``: move the last
+        live rows into the holes left by finished ones (one row's K/V each, no full copy)."""
+        n = sum(r is not None for r in slots)
+        holes = [s for s in range(n) if slots[s] is None]
+        movers = [s for s in range(len(slots) - 1, n - 1, -1) if slots[s] is not None]
+        for dst, src in zip(holes, movers, strict=True):
+            cache.move_row(src, dst)
+            slots[dst], slots[src] = slots[src], None
 
     def _sort_by_age(self, slots: list[_Row | None], cache: _SlotCache, col: int) -> None:
         """Reorder slots oldest first (empty ones last) when that shrinks the attention spans
