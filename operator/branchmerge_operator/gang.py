@@ -20,6 +20,7 @@ Pods are represented abstractly (`ObservedPod`) so the planner stays pure and ta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -89,6 +90,27 @@ NON_RETRYABLE_REASONS = frozenset({"InvalidInput", "InvalidConfig"})
 
 REQUEUE_RUNNING = 60.0
 REQUEUE_DELETING = 2.0
+
+
+def final_progress(result: StageResult) -> Progress | None:
+    """Progress from the result when no log line was read (a short run between two reads,
+    or a kubelet that serves no logs): `kubectl get bj` still shows where training ended."""
+    m = result.metrics
+    steps = int(m.get("steps") or 0)
+    if steps <= 0:
+        return None
+
+    def finite(key: str) -> float | None:
+        v = m.get(key)
+        return float(v) if v is not None and math.isfinite(v) else None
+
+    return Progress(
+        step=steps,
+        total_steps=steps,
+        loss=finite("final_loss"),
+        tokens_per_second=finite("tokens_per_second"),
+        eta_seconds=0.0,
+    )
 
 
 @dataclass(frozen=True)
@@ -486,6 +508,8 @@ class _GangPlanner:
             st.output_uri = (result.output if result else None) or self.stage.output
             if st.progress is not None and st.progress.total_steps:
                 st.progress = st.progress.model_copy(update={"step": st.progress.total_steps, "eta_seconds": 0.0})
+            elif result is not None:
+                st.progress = final_progress(result) or st.progress
             plan = self.finish("Succeeded", "Succeeded", f"output {st.output_uri}")
             self.ttl()
             return plan

@@ -157,7 +157,7 @@ if command -v flock >/dev/null && ! flock -n 9; then
   flock 9
 fi
 T0=$SECONDS
-ensure_pkgs etcd-server openssl libnss-wrapper
+ensure_pkgs etcd-server openssl
 if [[ "${BRANCHMERGE_NO_CEPH:-0}" != 1 ]]; then
   ensure_pkgs ceph-mon ceph-osd radosgw
 fi

@@ -1,12 +1,15 @@
 """Cluster DNS for the process kubelet's pods: the records CoreDNS would serve for headless
-Services, resolved by each pod process through nss_wrapper.
+Services, seen by each pod process through its own ``/etc/hosts``.
 
 Why: a training gang's ranks find rank 0 by its DNS name ``<pod>.<service>`` (MASTER_ADDR).
 Pods here are processes on this machine with no DNS server of their own; every pod IP is
 127.0.0.1. For pods that ask for a DNS name (``spec.hostname`` + ``spec.subdomain``), the
-kubelet runs the container with ``LD_PRELOAD=libnss_wrapper.so`` and
-``NSS_WRAPPER_HOSTS=<namespace hosts file>``: glibc's ``getaddrinfo`` then answers from that
-file first (re-read when it changes) and falls back to the system for everything else.
+kubelet starts the container in a private mount namespace (``unshare --mount``, or with a
+user namespace when not root) where the namespace's hosts file is bind-mounted over
+``/etc/hosts`` — what a real kubelet does for every container. glibc reads it on every lookup,
+so records added later (a rank started before rank 0 existed) are seen; the file is rewritten
+in place, never renamed, so the bind mount keeps pointing at it. (nss_wrapper was tried first:
+torch's c10d store never connects under it.)
 
 Records, as CoreDNS builds them: a pod gets ``<hostname>.<subdomain>``,
 ``….<namespace>.svc`` and ``….<namespace>.svc.cluster.local`` when a headless Service named
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,14 +30,22 @@ from typing import Any
 
 log = logging.getLogger("branchmerge.kubelet.dns")
 
-_CANDIDATES = (
-    "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so",
-    "/usr/lib/aarch64-linux-gnu/libnss_wrapper.so",
-    "/usr/lib64/libnss_wrapper.so",
-    "/usr/lib/libnss_wrapper.so",
-)
-#: Debian package `libnss-wrapper` (tests/cluster/build.sh installs it); None when absent.
-NSS_WRAPPER = next((p for p in _CANDIDATES if os.path.exists(p)), None)
+
+def _unshare_prefix() -> list[str] | None:
+    """How to get a private mount namespace here: as root, or through a user namespace."""
+    for prefix in (["unshare", "--mount", "--propagation", "private"],
+                   ["unshare", "--map-root-user", "--mount", "--propagation", "private"]):  # fmt: skip
+        try:
+            probe = [*prefix, "--", "sh", "-c", "mount --bind /etc/hosts /etc/hosts"]
+            if subprocess.run(probe, capture_output=True, timeout=10).returncode == 0:
+                return prefix
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return None
+
+
+#: None where this machine allows no mount namespace (then pod DNS names do not resolve).
+UNSHARE = _unshare_prefix()
 CLUSTER_DOMAIN = "cluster.local"
 
 
@@ -81,22 +93,37 @@ class PodDNS:
     def refresh(self, namespace: str) -> Path:
         pods = self.core.list_namespaced_pod(namespace).items
         services = self.core.list_namespaced_service(namespace).items
-        text = "".join(f"{ip} {' '.join(names)}\n" for ip, names in records(namespace, pods, services))
+        own = "".join(f"{ip} {' '.join(names)}\n" for ip, names in records(namespace, pods, services))
+        text = _system_hosts() + "# pods behind headless Services (tests/cluster/dns.py)\n" + own
         path = self.hosts_file(namespace)
         with self._lock:
             if self._written.get(namespace) != text or not path.exists():
                 self.directory.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(text)
-                os.replace(tmp, path)
+                # In place (write, then cut to length): a bind mount follows the inode, not the
+                # name, and a reader never sees an empty file.
+                data = text.encode()
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+                try:
+                    os.write(fd, data)
+                    os.ftruncate(fd, len(data))
+                finally:
+                    os.close(fd)
                 self._written[namespace] = text
         return path
 
-    def env(self, namespace: str) -> dict[str, str]:
-        """What a pod process needs to resolve these names (empty without nss_wrapper)."""
-        if NSS_WRAPPER is None:
-            log.warning(
-                "libnss_wrapper not installed: pod DNS names will not resolve (apt-get install libnss-wrapper)"
-            )
-            return {}
-        return {"LD_PRELOAD": NSS_WRAPPER, "NSS_WRAPPER_HOSTS": str(self.refresh(namespace))}
+    def wrap(self, argv: list[str], namespace: str) -> list[str]:
+        """``argv`` run with the namespace's hosts file as its ``/etc/hosts``."""
+        if UNSHARE is None:
+            log.warning("no mount namespace available (unshare): pod DNS names will not resolve")
+            return argv
+        hosts = str(self.refresh(namespace))
+        script = 'mount --bind "$0" /etc/hosts && exec "$@"'
+        return [*UNSHARE, "--", "sh", "-c", script, hosts, *argv]
+
+
+def _system_hosts() -> str:
+    try:
+        text = Path("/etc/hosts").read_text()
+    except OSError:
+        text = "127.0.0.1 localhost\n"
+    return text if text.endswith("\n") else text + "\n"

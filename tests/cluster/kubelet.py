@@ -288,8 +288,6 @@ class _PodWorker(threading.Thread):
         paths = c.paths
         env = dict(c.env)
         env[podspec.PATH_MAP_ENV] = podspec.env_json(paths)
-        if self.pod["spec"].get("subdomain"):
-            env.update(self.kl.dns.env(self.ns))  # resolve <pod>.<service> names (dns.py)
         workdir = c.spec.get("workingDir")
         cwd = (
             Path(paths.path(workdir) or (c.dir / "root" / workdir.lstrip("/"))) if workdir else c.dir / "root"
@@ -306,6 +304,8 @@ class _PodWorker(threading.Thread):
         if exe is None:
             return self._start_error(c, f'exec: "{argv[0]}": executable file not found in $PATH')
         full = [_SETPRIV, "--pdeathsig", "KILL", "--", exe, *argv[1:]] if _SETPRIV else [exe, *argv[1:]]
+        if self.pod["spec"].get("subdomain"):
+            full = self.kl.dns.wrap(full, self.ns)  # its /etc/hosts has <pod>.<service> names (dns.py)
         logf = self.kl.log_path(self.ns, self.pod_name, c.name, self.uid)
         try:
             with open(logf, "ab") as out:

@@ -66,7 +66,9 @@ class ChildRecorder:
                 "branchmerge.io", "v1alpha1", namespace, "branchjobs", **kw
             ),
         }
-        self._threads = [threading.Thread(target=self._watch, args=(k, f), daemon=True) for k, f in sources.items()]
+        self._threads = [
+            threading.Thread(target=self._watch, args=(k, f), daemon=True) for k, f in sources.items()
+        ]
         for t in self._threads:
             t.start()
 
@@ -94,7 +96,10 @@ class ChildRecorder:
 
 
 def distillation(ns: str, inputs: dict[str, str], endpoint: str, secret: str) -> dict[str, Any]:
-    branch = {"training": dict(TINY_TRAINING), "resources": {"nodes": 1, "gpusPerNode": 0, "cpu": "100m", "memory": "2Gi"}}
+    branch = {
+        "training": dict(TINY_TRAINING),
+        "resources": {"nodes": 1, "gpusPerNode": 0, "cpu": "100m", "memory": "2Gi"},
+    }
     return {
         "apiVersion": "branchmerge.io/v1alpha1",
         "kind": "Distillation",
@@ -102,19 +107,35 @@ def distillation(ns: str, inputs: dict[str, str], endpoint: str, secret: str) ->
         "spec": {
             "student": {"uri": inputs["student"]},
             "teacher": {"name": "arithmetic-teacher"},
-            "output": {"uri": inputs["student"].rsplit("/models/", 1)[0] + "/runs/e2e", "endpoint": endpoint,
-                       "credentialsSecret": secret},
+            "output": {
+                "uri": inputs["student"].rsplit("/models/", 1)[0] + "/runs/e2e",
+                "endpoint": endpoint,
+                "credentialsSecret": secret,
+            },
             "branches": [
                 {"name": "math", "datasets": [{"uri": inputs["math"]}], **copy.deepcopy(branch)},
                 {"name": "code", "datasets": [{"uri": inputs["code"]}], **copy.deepcopy(branch)},
             ],
-            "merge": {"method": "arcee_fusion", "dtype": "float32", "resources": {"cpu": "100m", "memory": "2Gi"}},
+            "merge": {
+                "method": "arcee_fusion",
+                "dtype": "float32",
+                "resources": {"cpu": "100m", "memory": "2Gi"},
+            },
             "eval": {
                 "models": ["merged"],
                 "batchSize": 4,
                 "backend": "transformers",
-                "benchmarks": [{"name": "arith", "kind": "math", "uri": inputs["bench"], "samples": 1,
-                                "temperature": 0, "maxNewTokens": 8, "maxProblems": 4}],
+                "benchmarks": [
+                    {
+                        "name": "arith",
+                        "kind": "math",
+                        "uri": inputs["bench"],
+                        "samples": 1,
+                        "temperature": 0,
+                        "maxNewTokens": 8,
+                        "maxProblems": 4,
+                    }
+                ],
                 "resources": {"cpu": "100m", "memory": "2Gi"},
             },
             "runPolicy": {"backoffLimit": 1, "startupDeadlineSeconds": 300},
@@ -142,7 +163,12 @@ def test_distillation_end_to_end_with_operator_restarts(
 
     wait_for("BranchJobs created", lambda: len(api.list("branchjobs", ns)) == 2, 60, debug=debug)
     operator.restart()  # children exist, pods may not yet
-    wait_for("a training pod running", lambda: any(p.status.phase == "Running" for p in api.pods(ns)), 120, debug=debug)
+    wait_for(
+        "a training pod running",
+        lambda: any(p.status.phase == "Running" for p in api.pods(ns)),
+        120,
+        debug=debug,
+    )
     operator.restart()  # mid-training
     wait_for("merge Job", lambda: api.jobs(ns), 300, debug=debug)
     operator.restart()  # merging
@@ -169,17 +195,24 @@ def test_distillation_end_to_end_with_operator_restarts(
     merged = st["mergedModel"]
     assert merged.startswith(f"s3://{bucket}/runs/e2e/merge/")
     merged_keys = keys(s3, bucket, merged.split(f"s3://{bucket}/", 1)[1])
-    assert any(k.endswith("_MANIFEST.json") for k in merged_keys) and any(k.endswith(".safetensors") for k in merged_keys)
+    assert any(k.endswith("_MANIFEST.json") for k in merged_keys) and any(
+        k.endswith(".safetensors") for k in merged_keys
+    )
     manifest_key = next(k for k in merged_keys if k.endswith("_MANIFEST.json"))
     assert json.loads(s3.client().get_object(Bucket=bucket, Key=manifest_key)["Body"].read())["fingerprint"]
 
     # No duplicates across five operator restarts: one uid per child name, one of each stage.
     pods_v1, jobs_v1, bjs_v1 = recorder.names("Pod"), recorder.names("Job"), recorder.names("BranchJob")
     assert sorted(bjs_v1) == ["e2e-code", "e2e-math"] and all(len(u) == 1 for u in bjs_v1.values()), bjs_v1
-    assert sorted(k for k in pods_v1 if not k.startswith(("e2e-merge", "e2e-eval"))) == ["e2e-code-0", "e2e-math-0"]
+    assert sorted(k for k in pods_v1 if not k.startswith(("e2e-merge", "e2e-eval"))) == [
+        "e2e-code-0",
+        "e2e-math-0",
+    ]
     assert all(len(u) == 1 for u in pods_v1.values()), pods_v1
     assert len(jobs_v1) == 2 and all(len(u) == 1 for u in jobs_v1.values()), jobs_v1
-    assert api.get("distillations", ns, "e2e")["status"] == st, "a restarted operator changed a finished status"
+    assert api.get("distillations", ns, "e2e")["status"] == st, (
+        "a restarted operator changed a finished status"
+    )
 
     # Credentials only through the Secret: in no spec, status, event or operator log line.
     creds = (s3.access_key, s3.secret_key)
@@ -234,7 +267,9 @@ def test_distillation_end_to_end_with_operator_restarts(
     remaining = keys(s3, bucket, "runs/e2e/")
     assert [k for k in outputs if k.endswith("_MANIFEST.json") and "/checkpoints/" not in k]
     assert set(outputs) <= set(remaining)
-    print(f"\ngeneration 1 (5 operator restarts): {first_run:.0f}s; whole test {time.monotonic() - started:.0f}s")
+    print(
+        f"\ngeneration 1 (5 operator restarts): {first_run:.0f}s; whole test {time.monotonic() - started:.0f}s"
+    )
 
 
 def test_training_pod_failure_restarts_gang_from_checkpoint(
@@ -256,7 +291,11 @@ def test_training_pod_failure_restarts_gang_from_checkpoint(
             "datasets": [{"uri": inputs["math"]}],
             "training": training,
             "resources": {"nodes": 1, "gpusPerNode": 0, "cpu": "100m", "memory": "2Gi"},
-            "output": {"uri": f"s3://{bucket}/runs/crashy", "endpoint": s3.endpoint, "credentialsSecret": secret},
+            "output": {
+                "uri": f"s3://{bucket}/runs/crashy",
+                "endpoint": s3.endpoint,
+                "credentialsSecret": secret,
+            },
             "runPolicy": {"backoffLimit": 2},
         },
     }
@@ -266,7 +305,12 @@ def test_training_pod_failure_restarts_gang_from_checkpoint(
         k.endswith("_MANIFEST.json") for k in keys(s3, bucket, "runs/crashy/branches/crashy/")
         if "/checkpoints/" in k), 180, interval=0.1, debug=debug)  # fmt: skip
     cluster.kubelet.kill(ns, "crashy-0")  # SIGKILL mid-training: exit 137, a failure (not a disruption)
-    wait_for("Succeeded", lambda: api.phase("branchjobs", ns, "crashy") in ("Succeeded", "Failed"), 240, debug=debug)
+    wait_for(
+        "Succeeded",
+        lambda: api.phase("branchjobs", ns, "crashy") in ("Succeeded", "Failed"),
+        240,
+        debug=debug,
+    )
     st = api.get("branchjobs", ns, "crashy")["status"]
     assert st["phase"] == "Succeeded", debug()
     assert st["restarts"] == 1 and st["disruptions"] == 0 and st["attempt"] == 1
@@ -277,3 +321,50 @@ def test_training_pod_failure_restarts_gang_from_checkpoint(
     assert result["metrics"]["steps"] == 60
     wait_events(api, ns, "crashy", "Restarting", "Succeeded")
     assert operator.metric("branchmerge_gang_restarts_total", cause="failure") >= 1
+
+
+def test_two_node_gang_trains_for_real_through_its_headless_service(
+    cluster: Cluster, k8s_api: Any, s3: S3Server, namespace: str, operator: OperatorProcess, tmp_path: Path
+) -> None:
+    """Two pods, one rank each: rank 1 finds rank 0 by the DNS name the operator put in
+    MASTER_ADDR (`<bj>-0.<service>`), they train together (gloo) and rank 0 publishes the
+    model and the result."""
+    api = Api(k8s_api)
+    ns = namespace
+    bucket = s3.create_bucket()
+    inputs = upload_inputs(s3, bucket, tiny_student(tmp_path))
+    secret = s3.create_secret(k8s_api, ns, name="s3-creds")
+    training = {**TINY_TRAINING, "epochs": 100, "maxSteps": 6, "globalBatchSize": 4, "microBatchSize": 2}
+    bj = {
+        "apiVersion": "branchmerge.io/v1alpha1",
+        "kind": "BranchJob",
+        "metadata": {"name": "duo", "namespace": ns},
+        "spec": {
+            "student": {"uri": inputs["student"]},
+            "datasets": [{"uri": inputs["math"]}],
+            "training": training,
+            "resources": {"nodes": 2, "gpusPerNode": 0, "cpu": "100m", "memory": "2Gi"},
+            "output": {
+                "uri": f"s3://{bucket}/runs/duo",
+                "endpoint": s3.endpoint,
+                "credentialsSecret": secret,
+            },
+            "runPolicy": {"backoffLimit": 0},
+        },
+    }
+    apply(cluster, ns, bj)
+    debug = lambda: describe(api, ns) + "\n--- operator ---\n" + operator.tail(30)  # noqa: E731
+    wait_for(
+        "Succeeded", lambda: api.phase("branchjobs", ns, "duo") in ("Succeeded", "Failed"), 240, debug=debug
+    )
+    st = api.get("branchjobs", ns, "duo")["status"]
+    assert st["phase"] == "Succeeded" and st["restarts"] == 0, debug()
+    pods = {p.metadata.name: p for p in api.pods(ns)}
+    assert set(pods) == {"duo-0", "duo-1"}
+    env = {e.name: e.value for e in pods["duo-1"].spec.containers[0].env}
+    assert env["MASTER_ADDR"] == "duo-0.duo" and env["RANK"] == "1" and env["WORLD_SIZE"] == "2"
+    result = json.loads(pods["duo-0"].status.container_statuses[0].state.terminated.message)
+    assert result["status"] == "Succeeded" and result["metrics"]["world_size"] == 2
+    assert result["metrics"]["steps"] == 6
+    assert any(k.endswith("_MANIFEST.json") for k in keys(s3, bucket, "runs/duo/branches/duo/"))
+    assert st["progress"]["step"] == st["progress"]["totalSteps"] == 6, st

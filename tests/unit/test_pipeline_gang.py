@@ -84,7 +84,10 @@ class Gang:
         for pod in plan.create_pods:
             assert pod.name not in self.pods, f"{pod.name} created twice"
             self.pods[pod.name] = ObservedPod(
-                name=pod.name, rank=pod.rank, attempt=pod.attempt, created=now,
+                name=pod.name,
+                rank=pod.rank,
+                attempt=pod.attempt,
+                created=now,
                 fingerprint=pod.labels[LABEL_FINGERPRINT],
             )
         self.plans.append(plan)
@@ -103,7 +106,9 @@ class Gang:
 
     def edit(self, **spec: Any) -> None:
         for key, value in spec.items():
-            self.obj["spec"][key] = value if not isinstance(value, dict) else {**self.obj["spec"].get(key, {}), **value}
+            self.obj["spec"][key] = (
+                value if not isinstance(value, dict) else {**self.obj["spec"].get(key, {}), **value}
+            )
         self.obj["metadata"]["generation"] += 1
 
     def running(self, now: datetime) -> BranchJobPlan:
@@ -144,7 +149,14 @@ def test_first_reconcile_creates_the_whole_gang_and_service() -> None:
     st = g.status
     assert st["phase"] == "Pending" and st["attempt"] == 0 and st["observedGeneration"] == 1
     assert st["checkpointUri"].endswith("/checkpoints") and st["fingerprint"] == plan.stage.fingerprint
-    assert {c["type"] for c in st["conditions"]} >= {"Ready", "Succeeded", "Failed", "Reconciling", "Stalled", "Running"}
+    assert {c["type"] for c in st["conditions"]} >= {
+        "Ready",
+        "Succeeded",
+        "Failed",
+        "Reconciling",
+        "Stalled",
+        "Running",
+    }
     assert plan.requeue_after == 300.0
 
 
@@ -187,7 +199,12 @@ def test_one_failed_pod_restarts_the_whole_gang() -> None:
     plan = g.reconcile(at(100))
     assert sorted(plan.delete_pods) == ["r1-math-0", "r1-math-1", "r1-math-2", "r1-math-3"]
     st = g.status
-    assert st["phase"] == "Restarting" and st["restarts"] == 1 and st["attempt"] == 1 and st.get("disruptions", 0) == 0
+    assert (
+        st["phase"] == "Restarting"
+        and st["restarts"] == 1
+        and st["attempt"] == 1
+        and st.get("disruptions", 0) == 0
+    )
     assert "rank 2 (pod r1-math-2): exit code 1: InternalError: CUDA error" in st["message"]
     assert [e.reason for e in plan.events] == ["Restarting"]
     plan = g.reconcile(at(101))  # old pods still terminating: wait, do not reuse their names
@@ -207,7 +224,11 @@ def test_backoff_limit_exhausted_fails_and_stops_running_pods() -> None:
     assert g.status["phase"] == "Failed" and g.status["reason"] == "BackoffLimitExceeded"
     assert g.status["restarts"] == 2
     assert "OOMKilled: exit code 137" in g.status["message"] and "backoffLimit 2" in g.status["message"]
-    assert sorted(plan.delete_pods) == ["r1-math-0", "r1-math-2", "r1-math-3"]  # the failed pod stays for logs
+    assert sorted(plan.delete_pods) == [
+        "r1-math-0",
+        "r1-math-2",
+        "r1-math-3",
+    ]  # the failed pod stays for logs
     assert g.cond("Failed")["status"] == "True" and g.cond("Stalled")["status"] == "True"
     assert g.status["completionTime"] == "2025-03-01T12:41:40Z"
 
@@ -259,12 +280,21 @@ def test_non_retryable_stage_error_fails_at_once() -> None:
 @pytest.mark.parametrize(
     ("changes", "reason", "detail"),
     [
-        ({"unschedulable": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}, "Unschedulable",
-         "Insufficient nvidia.com/gpu"),
-        ({"waiting_reason": "ImagePullBackOff", "waiting_message": "Back-off pulling image"}, "ImagePullBackOff",
-         "Back-off pulling image"),
-        ({"waiting_reason": "CreateContainerConfigError", "waiting_message": 'secret "s3" not found'},
-         "CreateContainerConfigError", 'secret "s3" not found'),
+        (
+            {"unschedulable": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."},
+            "Unschedulable",
+            "Insufficient nvidia.com/gpu",
+        ),
+        (
+            {"waiting_reason": "ImagePullBackOff", "waiting_message": "Back-off pulling image"},
+            "ImagePullBackOff",
+            "Back-off pulling image",
+        ),
+        (
+            {"waiting_reason": "CreateContainerConfigError", "waiting_message": 'secret "s3" not found'},
+            "CreateContainerConfigError",
+            'secret "s3" not found',
+        ),
         ({}, "StartupTimeout", "pending: r1-math-2"),
     ],
 )
@@ -343,6 +373,25 @@ def test_all_pods_succeeded() -> None:
     assert len(plan.delete_pods) == 4 and plan.delete_service
 
 
+def test_success_without_a_progress_read_takes_progress_from_the_result() -> None:
+    """A run shorter than the progress interval still shows where it ended."""
+    g = Gang.new()
+    g.running(T0)
+    g.all(phase="Succeeded", exit_code=0)
+    done = StageResult(kind="SFT", status="Succeeded", fingerprint="f", output="s3://runs/r1/branches/math/f/model",
+                       metrics={"steps": 60.0, "final_loss": 0.25, "tokens_per_second": float("nan")})  # fmt: skip
+    g.set(0, termination_message=done.to_json())
+    g.reconcile(at(30))
+    progress = g.status["progress"]
+    assert (progress["step"], progress["totalSteps"], progress["loss"], progress["etaSeconds"]) == (
+        60,
+        60,
+        0.25,
+        0.0,
+    )
+    assert progress.get("tokensPerSecond") is None  # not a number: left out, never NaN in a status
+
+
 def test_succeeded_is_sticky_and_survives_non_semantic_edits() -> None:
     g = Gang.new()
     g.running(T0)
@@ -382,7 +431,10 @@ def test_changed_training_replaces_the_running_gang() -> None:
     assert len(plan.delete_pods) == 4 and plan.create_pods == []
     assert g.status["fingerprint"] != old and g.status["attempt"] == 1
     plan = g.reconcile(at(51))
-    assert len(plan.create_pods) == 4 and plan.create_pods[0].labels[LABEL_FINGERPRINT] == g.status["fingerprint"]
+    assert (
+        len(plan.create_pods) == 4
+        and plan.create_pods[0].labels[LABEL_FINGERPRINT] == g.status["fingerprint"]
+    )
 
 
 # --------------------------------------------------------------------------- invalid / parsing
@@ -412,7 +464,10 @@ def test_observed_pod_from_object() -> None:
                 {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"},
             ],
             "containerStatuses": [
-                {"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "Error", "message": result(False)}}}
+                {
+                    "name": "trainer",
+                    "state": {"terminated": {"exitCode": 137, "reason": "Error", "message": result(False)}},
+                }
             ],
         },
     }
@@ -421,15 +476,31 @@ def test_observed_pod_from_object() -> None:
     assert obs.disruption_target and obs.disrupted and obs.created == T0 and obs.fingerprint == "fp"
     assert obs.started == at(5)
     assert obs.result is not None and obs.result.error is not None
-    pending = ObservedPod.from_object({
-        "metadata": {"name": "x-0"},
-        "status": {"phase": "Pending", "conditions": [
-            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes"}],
-            "containerStatuses": [{"state": {"waiting": {"reason": "ImagePullBackOff", "message": "nope"}}}]},
-    })
+    pending = ObservedPod.from_object(
+        {
+            "metadata": {"name": "x-0"},
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/3 nodes",
+                    }
+                ],
+                "containerStatuses": [
+                    {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "nope"}}}
+                ],
+            },
+        }
+    )
     assert pending.unschedulable == "0/3 nodes" and pending.waiting_reason == "ImagePullBackOff"
     assert not pending.disrupted
-    assert ObservedPod.from_object({"metadata": {"name": "y-0"}, "status": {"phase": "Bogus"}}).phase == "Unknown"
+    assert (
+        ObservedPod.from_object({"metadata": {"name": "y-0"}, "status": {"phase": "Bogus"}}).phase
+        == "Unknown"
+    )
 
 
 # --------------------------------------------------------------------------- decision table
@@ -440,24 +511,81 @@ GANG_TABLE: list[tuple[str, dict[int, dict[str, Any]], int, str, str, int, int]]
     ("just created", {}, 0, "Pending", "Starting", 0, 0),
     ("some running", {0: {"phase": "Running"}, 1: {"phase": "Running"}}, 0, "Pending", "Starting", 0, 0),
     ("all running", {r: {"phase": "Running"} for r in ALL}, 0, "Running", "Running", 0, 0),
-    ("rank exits 1", {**{r: {"phase": "Running"} for r in ALL}, 2: {"phase": "Failed", "exit_code": 1}}, 0,
-     "Restarting", "Restarting", 0, 4),
-    ("rank exits 1 at limit", {**{r: {"phase": "Running"} for r in ALL}, 2: {"phase": "Failed", "exit_code": 1}}, 2,
-     "Failed", "BackoffLimitExceeded", 0, 3),
-    ("rank evicted at limit", {**{r: {"phase": "Running"} for r in ALL}, 2: {"phase": "Failed", "reason": "Evicted"}},
-     2, "Restarting", "Disrupted", 0, 4),
-    ("node lost", {**{r: {"phase": "Running"} for r in ALL}, 1: {"phase": "Unknown"}}, 0, "Restarting", "Disrupted", 0, 4),
-    ("all succeeded", {r: {"phase": "Succeeded", "exit_code": 0} for r in ALL}, 0, "Succeeded", "Succeeded", 0, 0),
-    ("rank 0 done, others running", {0: {"phase": "Succeeded"}, 1: {"phase": "Running"}, 2: {"phase": "Running"},
-                                     3: {"phase": "Running"}}, 0, "Running", "Running", 0, 0),
+    (
+        "rank exits 1",
+        {**{r: {"phase": "Running"} for r in ALL}, 2: {"phase": "Failed", "exit_code": 1}},
+        0,
+        "Restarting",
+        "Restarting",
+        0,
+        4,
+    ),
+    (
+        "rank exits 1 at limit",
+        {**{r: {"phase": "Running"} for r in ALL}, 2: {"phase": "Failed", "exit_code": 1}},
+        2,
+        "Failed",
+        "BackoffLimitExceeded",
+        0,
+        3,
+    ),
+    (
+        "rank evicted at limit",
+        {**{r: {"phase": "Running"} for r in ALL}, 2: {"phase": "Failed", "reason": "Evicted"}},
+        2,
+        "Restarting",
+        "Disrupted",
+        0,
+        4,
+    ),
+    (
+        "node lost",
+        {**{r: {"phase": "Running"} for r in ALL}, 1: {"phase": "Unknown"}},
+        0,
+        "Restarting",
+        "Disrupted",
+        0,
+        4,
+    ),
+    (
+        "all succeeded",
+        {r: {"phase": "Succeeded", "exit_code": 0} for r in ALL},
+        0,
+        "Succeeded",
+        "Succeeded",
+        0,
+        0,
+    ),
+    (
+        "rank 0 done, others running",
+        {
+            0: {"phase": "Succeeded"},
+            1: {"phase": "Running"},
+            2: {"phase": "Running"},
+            3: {"phase": "Running"},
+        },
+        0,
+        "Running",
+        "Running",
+        0,
+        0,
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("state", "pods", "restarts", "phase", "reason", "creates", "deletes"), GANG_TABLE, ids=[r[0] for r in GANG_TABLE]
+    ("state", "pods", "restarts", "phase", "reason", "creates", "deletes"),
+    GANG_TABLE,
+    ids=[r[0] for r in GANG_TABLE],
 )
 def test_gang_decision_table(
-    state: str, pods: dict[int, dict[str, Any]], restarts: int, phase: str, reason: str, creates: int, deletes: int
+    state: str,
+    pods: dict[int, dict[str, Any]],
+    restarts: int,
+    phase: str,
+    reason: str,
+    creates: int,
+    deletes: int,
 ) -> None:
     g = Gang.new()
     g.reconcile(T0)

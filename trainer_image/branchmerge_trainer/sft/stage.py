@@ -80,6 +80,7 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     )
 
     metrics = _metrics(state, stats.metrics(), trainer, resumed_from)
+    metrics["world_size"] = float(env.world_size)  # how many ranks trained (a gang's size × GPUs)
     _publish_output(stage, ctx, env, trainer, tokenizer, model_dir, state, metrics, stats.metrics())
     if env.is_main:
         log.info("sft %s done in %.0fs: %s", stage.name, time.time() - started, json.dumps(metrics))
