@@ -329,6 +329,9 @@ def test_two_node_gang_trains_for_real_through_its_headless_service(
     """Two pods, one rank each: rank 1 finds rank 0 by the DNS name the operator put in
     MASTER_ADDR (`<bj>-0.<service>`), they train together (gloo) and rank 0 publishes the
     model and the result."""
+    from tests.cluster.dns import UNSHARE
+
+    assert UNSHARE is not None, "pod DNS needs a mount namespace (unshare --mount, as root or via a user namespace)"
     api = Api(k8s_api)
     ns = namespace
     bucket = s3.create_bucket()
