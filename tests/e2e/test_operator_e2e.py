@@ -272,34 +272,36 @@ def test_distillation_end_to_end_with_operator_restarts(
     )
 
 
+def real_branchjob(cluster: Cluster, k8s_api: Any, s3: S3Server, ns: str, tmp_path: Path, name: str, *,
+                   nodes: int, backoff_limit: int, training: dict[str, Any]) -> str:  # fmt: skip
+    """Apply a BranchJob that trains the tiny student for real on data in a fresh bucket."""
+    bucket = s3.create_bucket()
+    inputs = upload_inputs(s3, bucket, tiny_student(tmp_path))
+    secret = s3.create_secret(k8s_api, ns, name="s3-creds")
+    output = {"uri": f"s3://{bucket}/runs/{name}", "endpoint": s3.endpoint, "credentialsSecret": secret}
+    apply(cluster, ns, {
+        "apiVersion": "branchmerge.io/v1alpha1",
+        "kind": "BranchJob",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "student": {"uri": inputs["student"]},
+            "datasets": [{"uri": inputs["math"]}],
+            "training": {**TINY_TRAINING, "epochs": 100, **training},
+            "resources": {"nodes": nodes, "gpusPerNode": 0, "cpu": "100m", "memory": "2Gi"},
+            "output": output,
+            "runPolicy": {"backoffLimit": backoff_limit},
+        },
+    })  # fmt: skip
+    return bucket
+
+
 def test_training_pod_failure_restarts_gang_from_checkpoint(
     cluster: Cluster, k8s_api: Any, s3: S3Server, namespace: str, operator: OperatorProcess, tmp_path: Path
 ) -> None:
     """A training pod killed after a checkpoint: the gang restarts once and resumes from it."""
-    api = Api(k8s_api)
-    ns = namespace
-    bucket = s3.create_bucket()
-    inputs = upload_inputs(s3, bucket, tiny_student(tmp_path))
-    secret = s3.create_secret(k8s_api, ns, name="s3-creds")
-    training = {**TINY_TRAINING, "epochs": 100, "maxSteps": 60, "checkpointInterval": 2}
-    bj = {
-        "apiVersion": "branchmerge.io/v1alpha1",
-        "kind": "BranchJob",
-        "metadata": {"name": "crashy", "namespace": ns},
-        "spec": {
-            "student": {"uri": inputs["student"]},
-            "datasets": [{"uri": inputs["math"]}],
-            "training": training,
-            "resources": {"nodes": 1, "gpusPerNode": 0, "cpu": "100m", "memory": "2Gi"},
-            "output": {
-                "uri": f"s3://{bucket}/runs/crashy",
-                "endpoint": s3.endpoint,
-                "credentialsSecret": secret,
-            },
-            "runPolicy": {"backoffLimit": 2},
-        },
-    }
-    apply(cluster, ns, bj)
+    api, ns = Api(k8s_api), namespace
+    bucket = real_branchjob(cluster, k8s_api, s3, ns, tmp_path, "crashy", nodes=1, backoff_limit=2,
+                            training={"maxSteps": 60, "checkpointInterval": 2})  # fmt: skip
     debug = lambda: describe(api, ns) + "\n--- operator ---\n" + operator.tail(30)  # noqa: E731
     wait_for("a committed checkpoint", lambda: any(
         k.endswith("_MANIFEST.json") for k in keys(s3, bucket, "runs/crashy/branches/crashy/")
@@ -332,30 +334,9 @@ def test_two_node_gang_trains_for_real_through_its_headless_service(
     from tests.cluster.dns import UNSHARE
 
     assert UNSHARE is not None, "pod DNS needs a mount namespace (unshare --mount, as root or via a user namespace)"
-    api = Api(k8s_api)
-    ns = namespace
-    bucket = s3.create_bucket()
-    inputs = upload_inputs(s3, bucket, tiny_student(tmp_path))
-    secret = s3.create_secret(k8s_api, ns, name="s3-creds")
-    training = {**TINY_TRAINING, "epochs": 100, "maxSteps": 6, "globalBatchSize": 4, "microBatchSize": 2}
-    bj = {
-        "apiVersion": "branchmerge.io/v1alpha1",
-        "kind": "BranchJob",
-        "metadata": {"name": "duo", "namespace": ns},
-        "spec": {
-            "student": {"uri": inputs["student"]},
-            "datasets": [{"uri": inputs["math"]}],
-            "training": training,
-            "resources": {"nodes": 2, "gpusPerNode": 0, "cpu": "100m", "memory": "2Gi"},
-            "output": {
-                "uri": f"s3://{bucket}/runs/duo",
-                "endpoint": s3.endpoint,
-                "credentialsSecret": secret,
-            },
-            "runPolicy": {"backoffLimit": 0},
-        },
-    }
-    apply(cluster, ns, bj)
+    api, ns = Api(k8s_api), namespace
+    bucket = real_branchjob(cluster, k8s_api, s3, ns, tmp_path, "duo", nodes=2, backoff_limit=0,
+                            training={"maxSteps": 6, "globalBatchSize": 4, "microBatchSize": 2})  # fmt: skip
     debug = lambda: describe(api, ns) + "\n--- operator ---\n" + operator.tail(30)  # noqa: E731
     wait_for(
         "Succeeded", lambda: api.phase("branchjobs", ns, "duo") in ("Succeeded", "Failed"), 240, debug=debug
