@@ -96,6 +96,26 @@ def test_greedy_outputs_identical_to_transformers(model: Any, tok: Any) -> None:
         assert o.finish_reason == ("length" if lengths[p] >= 20 else "stop")
 
 
+@pytest.mark.parametrize("linear", ["torch", "onednn"])
+def test_both_gemm_paths_match_transformers(model: Any, tok: Any, linear: str) -> None:
+    """F.linear (MKL) and oneDNN's linear sum in different orders; greedy outputs agree."""
+    prompts = _prompts(10, seed=5)
+    rnd = random.Random(2)
+    lengths = {p: rnd.choice([1, 4, 9, 100]) for p in prompts}
+    requests = [GenerationRequest(p, 16) for p in prompts]
+    hook = _eos_hook(tok.eos_token_id, lengths)
+    engines = _engines(model, tok, hook, linear=linear)
+    assert engines["ours"].linear_backend == linear
+    assert engines["ours"].generate(requests) == engines["naive"].generate(requests)
+
+
+def test_gemm_path_is_picked_only_for_fp32_cpu(model: Any) -> None:
+    from branchmerge_trainer.evaluate.generate import _pick_linear
+
+    assert _pick_linear(model, torch.device("cpu"), torch.bfloat16, 8)[1] == "torch"
+    assert _pick_linear(model, torch.device("cpu"), torch.float32, 8)[1] in {"torch", "onednn"}
+
+
 def test_without_a_hook_the_model_decides_alone(model: Any, tok: Any) -> None:
     requests = [GenerationRequest(p, 12) for p in _prompts(6, seed=3)]
     outs = {name: g.generate(requests) for name, g in _engines(model, tok).items()}

@@ -402,6 +402,7 @@ class ContinuousBatchingGenerator(Generator):
         admit_group: int = 1,
         attention_group: int = 8,
         regroup_every: int = 16,
+        linear: Literal["auto", "torch", "onednn"] = "auto",
     ) -> None:
         """``headroom``: K/V columns allocated beyond the first prompts; the cache grows
         (doubling) or compacts when it runs out, so this only trades memory for copies.
@@ -409,7 +410,9 @@ class ContinuousBatchingGenerator(Generator):
         prefilled inside the next decode step, so refilling early costs no extra pass).
         ``attention_group`` / ``regroup_every``: decode attention runs per group of this many
         slots, each over its own oldest row's span; every ``regroup_every`` steps the slots
-        are re-sorted by age when that shortens the spans enough."""
+        are re-sorted by age when that shortens the spans enough.
+        ``linear``: GEMM path of the linear layers; ``auto`` times both at load
+        (:func:`_pick_linear`), ``torch`` is ``F.linear``, ``onednn`` forces oneDNN (fp32 CPU)."""
         check_supported(model)
         self.model = model.eval()
         self.inner = model.model
@@ -431,7 +434,14 @@ class ContinuousBatchingGenerator(Generator):
         self._plain_mlp = all(_is_plain_mlp(layer.mlp) for layer in self.inner.layers)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self._linear, self.linear_backend = _pick_linear(model, self.device, self.dtype, max_batch)
+        if linear == "auto":
+            self._linear, self.linear_backend = _pick_linear(model, self.device, self.dtype, max_batch)
+        elif linear == "onednn":
+            if self.device.type != "cpu" or getattr(torch.ops.mkldnn, "_linear_pointwise", None) is None:
+                raise ValueError("linear='onednn' needs a CPU model and a torch built with oneDNN")
+            self._linear, self.linear_backend = _linear_onednn, "onednn"
+        else:
+            self._linear, self.linear_backend = _linear_torch, "torch"
 
     # -- the model, with our attention ------------------------------------------------
 
