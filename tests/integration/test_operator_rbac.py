@@ -106,3 +106,66 @@ def test_operator_runs_a_distillation_with_the_shipped_cluster_role(
         rbac = client.RbacAuthorizationV1Api(k8s_api)
         rbac.delete_cluster_role_binding(role)
         rbac.delete_cluster_role(role)
+
+
+def test_namespaced_mode_with_the_namespaced_role_reconciles_at_once(
+    cluster: Cluster, k8s_api: Any, namespace: str, tmp_path: Path
+) -> None:
+    """`branchmerge operator -n NS` as a ServiceAccount bound to the shipped namespaced Role
+    (manifests/rbac/namespaced: no ClusterRole, so kopf may not list namespaces or CRDs).
+    kopf's cluster scanning is off for named namespaces; with it on, kopf retried the 403s for
+    ~54 s before falling back, and the first reconcile came a minute late."""
+    import os
+    import subprocess
+    import time
+
+    from tests.operator_kit import VENV_BIN
+
+    install_crds(cluster)
+    api, ns = Api(k8s_api), namespace
+    core = client.CoreV1Api(k8s_api)
+    rbac = client.RbacAuthorizationV1Api(k8s_api)
+    core.create_namespaced_service_account(ns, {"metadata": {"name": "branchmerge-operator"}})
+    role = yaml.safe_load((REPO / "manifests/rbac/namespaced/role.yaml").read_text())
+    binding = yaml.safe_load((REPO / "manifests/rbac/namespaced/rolebinding.yaml").read_text())
+    binding["subjects"][0]["namespace"] = ns
+    rbac.create_namespaced_role(ns, role)
+    rbac.create_namespaced_role_binding(ns, binding)
+    secret_name = wait_for("ServiceAccount token", lambda: (
+        (sa := core.read_namespaced_service_account("branchmerge-operator", ns)).secrets and sa.secrets[0].name), 30)
+    token = base64.b64decode(core.read_namespaced_secret(secret_name, ns).data["token"]).decode()
+    ca = base64.b64encode(Path(cluster.ca).read_bytes()).decode()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sa",
+        "clusters": [{"name": "c", "cluster": {"server": cluster.server, "certificate-authority-data": ca}}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "operator"}}],
+    }))  # fmt: skip
+    apply(cluster, ns, {
+        "apiVersion": "branchmerge.io/v1alpha1", "kind": "Distillation", "metadata": {"name": "nsmode"},
+        "spec": {"student": {"uri": "s3://fake/student"}, "output": {"uri": "s3://fake/nsmode"},
+                 "branches": [{"name": b, "datasets": [{"uri": f"s3://fake/{b}.jsonl"}],
+                               "resources": {"gpusPerNode": 0}} for b in ("math", "code")]},
+    })  # fmt: skip
+    log = tmp_path / "operator.log"
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(VENV_BIN / "branchmerge"), "operator", "-n", ns, "--log-format", "plain",
+                                 "--metrics-port", "0"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+    started = time.monotonic()
+    try:
+        wait_for("the first status", lambda: api.phase("distillations", ns, "nsmode") is not None, 40,
+                 debug=lambda: log.read_text()[-3000:])  # fmt: skip
+        assert time.monotonic() - started < 40
+        wait_for("its BranchJob", lambda: api.get("branchjobs", ns, "nsmode-math") is not None, 20)
+        text = log.read_text()
+        assert "Forbidden" not in text and "403" not in text, text[-3000:]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
