@@ -369,6 +369,12 @@ class _SlotCache:
     def select(self, slots: Sequence[int]) -> None:
         """Keep these slots, in this order (to shrink the batch, or to sort it by age)."""
         index = torch.tensor(slots, device=self.k[0].device)
+        if len(slots) == self.slots:  # a reordering: move only the columns in use
+            lo = min(self.start)
+            for buf in (*self.k, *self.v):
+                buf[:, :, lo : self.end] = buf[:, :, lo : self.end].index_select(0, index)
+            self.start = [self.start[s] for s in slots]
+            return
         self.k = [b.index_select(0, index) for b in self.k]
         self.v = [b.index_select(0, index) for b in self.v]
         self.start = [self.start[s] for s in slots]
@@ -602,7 +608,8 @@ class ContinuousBatchingGenerator(Generator):
         dense = live == list(range(m))
         live_index = torch.tensor(live, device=self.device)
         groups = self._attention_groups(cache.start[:m], col) if n_live else []
-        heads = self.q_heads
+        # Decode queries scattered into their slots (empty and new slots' rows stay 0, unused).
+        q_buffer = torch.zeros((0 if dense else m, self.q_heads, 1, self.head_dim), dtype=self.dtype, device=self.device)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
             keys, values = cache.k[layer], cache.v[layer]
@@ -615,7 +622,7 @@ class ContinuousBatchingGenerator(Generator):
                 else:
                     keys[:m, :, col : col + 1].index_copy_(0, live_index, kd)
                     values[:m, :, col : col + 1].index_copy_(0, live_index, vd)
-                    qd = qd.new_zeros((m, heads, 1, self.head_dim)).index_copy_(0, live_index, qd)
+                    qd = q_buffer.index_copy_(0, live_index, qd)
                 o = torch.cat([
                     F.scaled_dot_product_attention(
                         qd[a:b], keys[a:b, :, lo : col + 1], values[a:b, :, lo : col + 1],
