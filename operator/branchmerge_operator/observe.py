@@ -117,6 +117,14 @@ def owned_by(obj: Mapping[str, Any], kind: str, name: str) -> bool:
     return False
 
 
+def controller_of(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(kind, name) of the controller ownerReference, if any."""
+    for ref in meta(obj).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("kind")), str(ref.get("name"))
+    return None
+
+
 def resource_version(obj: Mapping[str, Any] | None) -> int | None:
     """resourceVersion as a number (etcd revision) when it is one; None when opaque."""
     rv = meta(obj or {}).get("resourceVersion")
@@ -163,6 +171,7 @@ class _Entry:
     obj: Obj | None  # None: deleted by us
     uid: str | None
     rv: int | None
+    owner: tuple[str, str] | None = None  # the controller (kind, name) of obj
 
 
 class Overlay:
@@ -187,7 +196,7 @@ class Overlay:
         """Record an object as returned by a create or patch."""
         m = meta(obj)
         self._put(kind, str(m.get("namespace")), str(m.get("name")),
-                  _Entry(self._clock(), dict(obj), m.get("uid"), resource_version(obj)))  # fmt: skip
+                  _Entry(self._clock(), dict(obj), m.get("uid"), resource_version(obj), controller_of(obj)))  # fmt: skip
 
     def deleted(self, kind: str, namespace: str, name: str, uid: str | None) -> None:
         self._put(kind, namespace, name, _Entry(self._clock(), None, uid, None))
@@ -233,19 +242,28 @@ class Overlay:
         return self._resolve(kind, namespace, name, seen)
 
     def many(
-        self, kind: str, namespace: str, seen: Iterable[Obj], belongs: Callable[[Obj], bool]
+        self, kind: str, namespace: str, seen: Iterable[Obj], belongs: Callable[[Obj], bool] | tuple[str, str]
     ) -> list[Obj]:
         """Watched children merged with ours: created-but-not-yet-watched ones added, deleted
-        ones marked as deleting, patched ones at our version."""
+        ones marked as deleting, patched ones at our version. ``belongs`` selects our writes
+        that are children: a predicate, or the (kind, name) of their controller (cheaper: a
+        burst leaves hundreds of entries in one namespace, and every reconcile scans them)."""
         out: dict[str, Obj] = {}
         for obj in seen:
             name = str(meta(obj).get("name"))
             resolved = self._resolve(kind, namespace, name, obj)
             if resolved is not None:
                 out[name] = resolved
-        for name, entry in list((self._entries.get((kind, namespace)) or {}).items()):
-            if name not in out and entry.obj is not None and belongs(entry.obj):
-                out[name] = entry.obj
+        group = self._entries.get((kind, namespace))
+        if group:
+            if isinstance(belongs, tuple):
+                for name, entry in group.items():
+                    if entry.owner == belongs and entry.obj is not None and name not in out:
+                        out[name] = entry.obj
+            else:
+                for name, entry in group.items():
+                    if name not in out and entry.obj is not None and belongs(entry.obj):
+                        out[name] = entry.obj
         return [out[n] for n in sorted(out)]
 
 

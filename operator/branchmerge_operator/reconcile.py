@@ -465,10 +465,9 @@ class Runtime:
         """Children of one Distillation: its BranchJobs and Jobs (owned by it), with each Job's
         result from its pod's termination message."""
         ns, name = key
-        bjs = self.overlay.many("BranchJob", ns, self._values(IDX_BRANCHJOBS, ("dist", ns, name)),
-                                lambda o: owned_by(o, "Distillation", name))  # fmt: skip
+        bjs = self.overlay.many("BranchJob", ns, self._values(IDX_BRANCHJOBS, ("dist", ns, name)), ("Distillation", name))
         bjs = [b for b in bjs if owned_by(b, "Distillation", name)]
-        jobs = self.overlay.many("Job", ns, self._values(IDX_JOBS, (ns, name)), lambda o: owned_by(o, "Distillation", name))
+        jobs = self.overlay.many("Job", ns, self._values(IDX_JOBS, (ns, name)), ("Distillation", name))
         jobs = [j for j in jobs if owned_by(j, "Distillation", name)]
         observed_jobs: list[ObservedJob] = []
         wait: float | None = None
@@ -587,7 +586,7 @@ class Runtime:
         return _soonest(plan.requeue_after, poll, deferred)
 
     def _gang_pods(self, ns: str, name: str) -> list[Obj]:
-        return self.overlay.many("Pod", ns, self._values(IDX_PODS, (ns, "BranchJob", name)), lambda o: owned_by(o, "BranchJob", name))
+        return self.overlay.many("Pod", ns, self._values(IDX_PODS, (ns, "BranchJob", name)), ("BranchJob", name))
 
     async def apply_branchjob(
         self,

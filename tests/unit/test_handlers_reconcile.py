@@ -406,6 +406,23 @@ def test_debounced_triggers_fold_into_one_pass() -> None:
 # --------------------------------------------------------------------------- observe helpers
 
 
+def test_overlay_children_by_controller() -> None:
+    ov = Overlay(ttl=10, clock=lambda: 0.0)
+
+    def pod(name: str, owner: str, controller: bool = True) -> dict[str, Any]:
+        ref = {"apiVersion": "branchmerge.io/v1alpha1", "kind": "BranchJob", "name": owner, "uid": owner,
+               "controller": controller}  # fmt: skip
+        return {"metadata": {"name": name, "namespace": "ns", "uid": name, "resourceVersion": "5",
+                             "ownerReferences": [ref]}}  # fmt: skip
+
+    mine, other, not_controller = pod("a-0", "a"), pod("b-0", "b"), pod("c-0", "a", controller=False)
+    for p in (mine, other, not_controller):
+        ov.wrote("Pod", p)
+    assert ov.many("Pod", "ns", [], ("BranchJob", "a")) == [mine]
+    assert ov.many("Pod", "ns", [], ("Job", "a")) == []
+    assert ov.many("Pod", "ns", [], lambda o: observe.owned_by(o, "BranchJob", "a")) == [mine]
+
+
 def test_overlay_read_your_writes() -> None:
     t = [0.0]
     ov = Overlay(ttl=10, clock=lambda: t[0])
