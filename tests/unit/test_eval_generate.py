@@ -234,3 +234,12 @@ def test_load_picks_our_engine_for_a_qwen2_directory(tmp_path: Path, tok: Any, m
     tok.save_pretrained(tmp_path)
     assert load(tmp_path).generator.name == "continuous"
     assert load(tmp_path, backend="generate").generator.name == "transformers"
+
+
+def test_gemm_path_can_be_pinned_by_environment() -> None:
+    from branchmerge_trainer.evaluate.generate import LINEAR_ENV, linear_choice
+
+    assert linear_choice({}) == "auto"
+    assert linear_choice({LINEAR_ENV: "torch"}) == "torch"
+    with pytest.raises(ValueError, match=LINEAR_ENV):
+        linear_choice({LINEAR_ENV: "mkl"})

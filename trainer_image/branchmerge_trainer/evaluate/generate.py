@@ -20,11 +20,12 @@ batch. On CPU the schedule itself is deterministic, so a run repeats exactly.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -843,6 +844,19 @@ def eos_token_ids(tokenizer: Any, model_dir: Path) -> list[int]:
     return sorted(set(ids))
 
 
+#: Pins the GEMM path of the engine's linear layers (auto | torch | onednn): ``auto`` times
+#: both at load, so a run under heavy load could pick differently from the last one; pin it
+#: where bit-identical sampled outputs across runs matter.
+LINEAR_ENV = "BRANCHMERGE_EVAL_LINEAR"
+
+
+def linear_choice(environ: Mapping[str, str] | None = None) -> Literal["auto", "torch", "onednn"]:
+    value = (os.environ if environ is None else environ).get(LINEAR_ENV, "auto").strip() or "auto"
+    if value not in ("auto", "torch", "onednn"):
+        raise ValueError(f"{LINEAR_ENV}={value!r}: use auto, torch or onednn")
+    return value  # type: ignore[return-value]
+
+
 def load(
     model_dir: Path,
     *,
@@ -870,7 +884,10 @@ def load(
     model.eval()
     if backend != "generate":
         try:
-            engine = ContinuousBatchingGenerator(model, eos_token_ids=eos, pad_token_id=pad, max_batch=batch_size)
+            engine = ContinuousBatchingGenerator(
+                model, eos_token_ids=eos, pad_token_id=pad, max_batch=batch_size, linear=linear_choice()
+            )
+            log.info("generation: continuous batching, %d slots, %s GEMMs", batch_size, engine.linear_backend)
             return LoadedModel(engine, tokenizer, eos)
         except UnsupportedModel as e:
             if backend == "continuous":
