@@ -139,7 +139,7 @@ class EssenceStorage(kopf.AnnotationsDiffBaseStorage):
 
     On *every* watch event of every watched resource, kopf builds the object's "essence" (what
     change handlers diff) by deep-copying the whole body — managedFields, status, a pod's spec —
-    and then dropping all but the spec, labels and annotations. In a burst that was a third of
+    and then dropping all but the spec, labels and annotations. In a burst that was a quarter of
     the operator's CPU. The essence is only used for resources with change handlers
     (``tracked``), and there it is built from the fields it keeps (the result is identical to
     kopf's); other resources (event handlers and indexes only) get an empty one.
