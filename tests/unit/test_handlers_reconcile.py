@@ -327,6 +327,37 @@ def test_narrative_status_changes_are_rate_limited_decisions_are_not() -> None:
     asyncio.run(go())
 
 
+def test_status_writes_share_a_few_slots() -> None:
+    """Status patches queue for STATUS_WRITE_SLOTS slots; every one is still written."""
+    from branchmerge_operator.reconcile import STATUS_WRITE_SLOTS
+
+    async def go() -> None:
+        client, now = FakeClient(), [NOW]
+        rt, _ = make_runtime(client, now)
+        inflight, peak = [0], [0]
+        real = client.merge_patch
+
+        async def slow_patch(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            inflight[0] += 1
+            peak[0] = max(peak[0], inflight[0])
+            await asyncio.sleep(0.01)
+            inflight[0] -= 1
+            return await real(*args, **kwargs)
+
+        client.merge_patch = slow_patch  # type: ignore[method-assign]
+        bodies = []
+        for i in range(3 * STATUS_WRITE_SLOTS):
+            body = {**distillation_body(), "metadata": {**distillation_body()["metadata"], "name": f"d{i}"}}
+            client.objects[("Distillation", "ns", f"d{i}")] = copy.deepcopy(body)
+            bodies.append(body)
+        await asyncio.gather(*(rt._write_status("Distillation", b, {"phase": "Pending"}) for b in bodies))
+        assert peak[0] == STATUS_WRITE_SLOTS
+        assert all(client.objects[("Distillation", "ns", f"d{i}")]["status"]["phase"] == "Pending"
+                   for i in range(len(bodies)))  # fmt: skip
+
+    asyncio.run(go())
+
+
 def test_unreadable_logs_keep_reconciling() -> None:
     async def go() -> None:
         client, now = FakeClient(), [NOW]
