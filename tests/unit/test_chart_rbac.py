@@ -18,7 +18,7 @@ Rule = tuple[str, str]  # (apiGroup, resource)
 
 #: What the operator needs in every namespace it watches (docs/operations.md lists why).
 NAMESPACED_RULES: dict[Rule, set[str]] = {
-    ("branchmerge.io", "distillations"): {"get", "list", "watch", "patch", "update"},
+    ("branchmerge.io", "distillations"): {"get", "list", "watch"},
     ("branchmerge.io", "branchjobs"): {"get", "list", "watch", "create", "patch", "update", "delete"},
     ("branchmerge.io", "distillations/status"): {"get", "patch", "update"},
     ("branchmerge.io", "branchjobs/status"): {"get", "patch", "update"},

@@ -84,7 +84,7 @@ with one table). Call with (dict "clusterWide" bool).
 {{- end }}
 - apiGroups: [branchmerge.io]
   resources: [distillations]
-  verbs: [get, list, watch, patch, update]
+  verbs: [get, list, watch]
 - apiGroups: [branchmerge.io]
   resources: [branchjobs]
   verbs: [get, list, watch, create, patch, update, delete]
