@@ -130,7 +130,12 @@ def _publish_output(
     out_dir = ctx.workdir / "output"
     state_dict = None
     if trainer.engine is not None and stage.training.zero_stage == 3:
-        state_dict = trainer.engine._zero3_consolidated_16bit_state_dict()  # collective: all ranks
+        # Collective (every rank takes part); the engine wraps CausalLMLoss, whose parameters
+        # are the model's under "model." — strip it so the names are the model's own.
+        gathered = trainer.engine._zero3_consolidated_16bit_state_dict()
+        if gathered is not None:
+            dtype = saved_dtype(model_dir)
+            state_dict = {k.removeprefix("model."): v.to(dtype) for k, v in gathered.items()}
     if env.is_main:
         if out_dir.exists():
             shutil.rmtree(out_dir)

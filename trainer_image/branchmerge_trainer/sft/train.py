@@ -318,9 +318,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- DeepSpeed
 
 
+#: Lets ZeRO run on CPU (DeepSpeed's CPU accelerator over gloo) so the DeepSpeed path can be
+#: tested on machines without GPUs; never needed in production.
+DEEPSPEED_CPU_ENV = "BRANCHMERGE_DEEPSPEED_ON_CPU"
+
+
 def deepspeed_wanted(cfg: TrainingConfig, env: DistEnv) -> bool:
     """ZeRO ≥ 2 on GPU when DeepSpeed is installed; otherwise DDP (logged)."""
-    if cfg.zero_stage < 2 or env.device.type != "cuda":
+    on_cpu = os.environ.get(DEEPSPEED_CPU_ENV) == "1"
+    if cfg.zero_stage < 2 or (env.device.type != "cuda" and not on_cpu):
         return False
     import importlib.util
 
