@@ -422,3 +422,11 @@ def test_dockerignore_matcher() -> None:
     assert _match("**/__pycache__", "x/y/__pycache__/z.pyc")
     assert _match("operator/branchmerge_operator", "operator/branchmerge_operator/cli.py")
     assert not _match("operator/branchmerge_operator", "operator/Dockerfile")
+
+
+def test_trainer_image_ships_the_deepspeed_the_tests_run() -> None:
+    """tests/unit/test_sft_deepspeed.py exercises the dev extra's pinned DeepSpeed; the image
+    must install that same version."""
+    image = re.search(r"^ARG DEEPSPEED_VERSION=(\S+)$", TRAINER.read_text(), re.M)
+    pinned = re.search(r'"deepspeed==([^"]+)"', (REPO / "pyproject.toml").read_text())
+    assert image and pinned and image.group(1) == pinned.group(1)
