@@ -25,6 +25,12 @@ pytestmark = pytest.mark.slow
 
 def _train(root: Path, student: Path, data: Path, zero: int, *, stop_after: int | None = None, **training: Any) -> Path:
     """Run (or resume) a 2-rank SFT stage; returns its published output directory."""
+    out, _ = _train_logged(root, student, data, zero, stop_after=stop_after, **training)
+    return out
+
+
+def _train_logged(root: Path, student: Path, data: Path, zero: int, *, stop_after: int | None = None,
+                  **training: Any) -> tuple[Path, str]:  # fmt: skip
     stage = sft_stage(root, str(student), [str(data)], microBatchSize=1, packing="none", precision="fp32",
                       zeroStage=zero, checkpointInterval=2, **training)  # fmt: skip
     cfg = _config(stage, root.with_suffix(".yaml"))
@@ -39,7 +45,7 @@ def _train(root: Path, student: Path, data: Path, zero: int, *, stop_after: int 
         assert proc.returncode == 0, proc.stderr[-4000:]
     else:
         assert proc.returncode != 0 and "fault injection" in proc.stderr, proc.stderr[-4000:]
-    return Path(stage.output.removeprefix("file://"))
+    return Path(stage.output.removeprefix("file://")), proc.stderr
 
 
 def _log(out: Path) -> dict[str, Any]:
@@ -62,7 +68,9 @@ def ddp(inputs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> 
 def test_zero_trains_the_ddp_curve_and_publishes_the_same_model(
     zero: int, inputs: tuple[Path, Path], ddp: Path, tmp_path: Path
 ) -> None:
-    out = _train(tmp_path / "run", *inputs, zero, maxSteps=4)
+    out, stderr = _train_logged(tmp_path / "run", *inputs, zero, maxSteps=4)
+    # ZeRO-3 builds the model already partitioned (what makes a 32B student fit per rank).
+    assert ("loaded partitioned across 2 ranks" in stderr) == (zero == 3)
     log, ref = _log(out), _log(ddp)
     assert log["metrics"]["world_size"] == 2 and log["training"]["zeroStage"] == zero
     assert [h["loss"] for h in log["history"]] == pytest.approx([h["loss"] for h in ref["history"]], abs=1e-5)

@@ -24,7 +24,15 @@ from .attention import choose_implementation
 from .checkpoint import CheckpointStore
 from .data import load_examples, pack_rows, packing_efficiency
 from .model_io import fetch_model, save_hf_dir, saved_dtype
-from .train import DistEnv, Trainer, TrainState, barrier, init_distributed, seed_everything
+from .train import (
+    DistEnv,
+    Trainer,
+    TrainState,
+    barrier,
+    init_distributed,
+    seed_everything,
+    zero3_partitioned_loading,
+)
 
 log = logging.getLogger("branchmerge.sft")
 
@@ -57,12 +65,15 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     if env.is_main:
         log.info("data: %s", json.dumps(stats.metrics()))
 
+    partitioned = zero3_partitioned_loading(cfg, env)  # alive until the engine is built
     model: Any = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation=choose_implementation(env.device)
     )
     model.config.use_cache = False
-    model.to(env.device)
+    if partitioned is None:
+        model.to(env.device)  # (ZeRO-3's partitioned loading already placed each shard)
     trainer = Trainer(model, examples, rows, cfg, env, mode=cfg.packing)
+    del partitioned
 
     store = CheckpointStore(
         storage_for(stage.checkpoints, stage.storage), stage.checkpoints, stage.fingerprint, ctx.workdir, env

@@ -201,9 +201,14 @@ def batch_args(batch: Batch) -> tuple[Any, ...]:
 
 
 def build_optimizer(params: Sequence[torch.Tensor], cfg: TrainingConfig) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (1-D tensors) are not decayed, as in HF Trainer."""
-    decay = [p for p in params if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
+    """AdamW; biases and norm weights (1-D tensors) are not decayed, as in HF Trainer.
+    A ZeRO-3 partitioned parameter is a flat shard: its true shape is ``ds_shape``."""
+
+    def ndim(p: torch.Tensor) -> int:
+        return len(getattr(p, "ds_shape", p.shape))
+
+    decay = [p for p in params if p.requires_grad and ndim(p) >= 2]
+    no_decay = [p for p in params if p.requires_grad and ndim(p) < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -248,7 +253,10 @@ class FlopModel:
 
     @classmethod
     def of(cls, model: nn.Module) -> FlopModel:
-        params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+        # Under ZeRO-3's partitioned loading a weight holds only this rank's shard; ds_numel is its full size.
+        params = sum(
+            int(getattr(m.weight, "ds_numel", m.weight.numel())) for m in model.modules() if isinstance(m, nn.Linear)
+        )
         cfg: Any = getattr(model, "config", None)
         layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
         heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
@@ -334,6 +342,26 @@ def deepspeed_wanted(cfg: TrainingConfig, env: DistEnv) -> bool:
         log.warning("zeroStage=%d asks for DeepSpeed, which is not installed; using DDP", cfg.zero_stage)
         return False
     return True
+
+
+def zero3_partitioned_loading(cfg: TrainingConfig, env: DistEnv) -> Any:
+    """Under ZeRO-3 with DeepSpeed: an ``HfDeepSpeedConfig`` that makes ``from_pretrained``
+    build the model already partitioned (``deepspeed.zero.Init``), so each rank holds 1/world
+    of the weights instead of all of them (a 32B student is 64 GB in bf16 — per rank, without
+    this). The caller keeps the returned object alive until the engine exists; None otherwise."""
+    if cfg.zero_stage != 3 or not deepspeed_wanted(cfg, env):
+        return None
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # DeepSpeed's config reads the world size from its own comm layer: attach it to the
+    # process group torch.distributed already has (else it sees a world of 1).
+    deepspeed.init_distributed()
+    accumulation = max(1, cfg.global_batch_size // (cfg.micro_batch_size * env.world_size))
+    bf16 = cfg.precision == "bf16" and bf16_supported(env.device)
+    if env.is_main:
+        log.info("ZeRO-3: the student is loaded partitioned across %d ranks (zero.Init)", env.world_size)
+    return HfDeepSpeedConfig(deepspeed_config(cfg, world_size=env.world_size, accumulation=accumulation, bf16=bf16))
 
 
 def deepspeed_config(cfg: TrainingConfig, *, world_size: int, accumulation: int, bf16: bool) -> dict[str, Any]:
@@ -433,7 +461,8 @@ class Trainer:
         # next to tensor-core matmuls) or DeepSpeed's own bf16 handling.
         self.engine: Any = None
         self.master: list[torch.Tensor] | None = None
-        if self.bf16 and env.device.type == "cpu":
+        use_deepspeed = deepspeed_wanted(cfg, env)
+        if self.bf16 and env.device.type == "cpu" and not use_deepspeed:
             self.master = [p.detach().clone().float().requires_grad_(True) for _, p in self.named_params]
             model.to(torch.bfloat16)
             self.optimizer = build_optimizer(self.master, cfg)
@@ -443,7 +472,7 @@ class Trainer:
         self.wrapped: nn.Module = self.loss_module
         if self.master is not None:
             pass  # gradients are all-reduced on the fp32 master copies (see _reduce_master_grads)
-        elif deepspeed_wanted(cfg, env):
+        elif use_deepspeed:
             import deepspeed
 
             ds_config = deepspeed_config(
