@@ -79,7 +79,7 @@ def records(namespace: str, pods: list[Any], services: list[Any]) -> list[tuple[
 
 
 class PodDNS:
-    """One hosts file per namespace under ``directory``, rewritten (atomically) when it changes."""
+    """One hosts file per namespace under ``directory``, rewritten in place when it changes."""
 
     def __init__(self, core: Any, directory: Path) -> None:
         self.core = core
