@@ -149,25 +149,20 @@ def plot(results: Path, out_dir: Path) -> list[Path]:
     written: list[Path] = []
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    rows = [r for r in TABLE2_ROWS if r in summary]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    _bars(ax, summary, rows, DOMAINS, f"Table 2 at CPU scale ({profile}; {seeds})")
-    fig.tight_layout()
-    path = out_dir / f"{profile}-table2.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
-
-    methods = sorted(r for r in summary if r.startswith("math + science: "))
-    if methods:
-        rows = [r for r in ("math specialist", "science specialist") if r in summary] + methods
+    def figure(rows: list[str], title: str, name: str) -> None:
         fig, ax = plt.subplots(figsize=(10, 4))
-        _bars(ax, summary, rows, DOMAINS, f"Merge methods on math + science ({profile}; {seeds})")
+        _bars(ax, summary, rows, DOMAINS, f"{title} ({profile}; {seeds})")
         fig.tight_layout()
-        path = out_dir / f"{profile}-merge-methods.png"
+        path = out_dir / f"{profile}-{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+
+    figure([r for r in TABLE2_ROWS if r in summary], "Table 2 at CPU scale", "table2")
+    methods = sorted(r for r in summary if r.startswith("math + science: "))
+    if methods:
+        specialists = [r for r in ("math specialist", "science specialist") if r in summary]
+        figure(specialists + methods, "Merge methods on math + science", "merge-methods")
     path = out_dir / f"{profile}.md"
     path.write_text(markdown(report))
     written.append(path)

@@ -20,6 +20,7 @@ names) is modelled.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -121,7 +122,9 @@ class PodDNS:
         return [*UNSHARE, "--", "sh", "-c", script, hosts, *argv]
 
 
+@functools.cache
 def _system_hosts() -> str:
+    """This machine's /etc/hosts, read once (every refresh starts from it)."""
     try:
         text = Path("/etc/hosts").read_text()
     except OSError:
