@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -42,7 +43,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     run: Any = importlib.import_module(module).run
-    return execute(stage, run, result_path=args.result_path)
+    code = execute(stage, run, result_path=args.result_path)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is written (outputs, result, termination message). Interpreter teardown
+        # of torch.distributed's native threads can still abort a finished rank (SIGABRT:
+        # "terminate called without an active exception"), failing a pod whose work is done;
+        # leave without running native destructors.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

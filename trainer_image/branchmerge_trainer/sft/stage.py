@@ -31,6 +31,7 @@ from .train import (
     barrier,
     init_distributed,
     seed_everything,
+    shutdown_distributed,
     zero3_partitioned_loading,
 )
 
@@ -93,6 +94,7 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     metrics = _metrics(state, stats.metrics(), trainer, resumed_from)
     metrics["world_size"] = float(env.world_size)  # how many ranks trained (a gang's size × GPUs)
     _publish_output(stage, ctx, env, trainer, tokenizer, model_dir, state, metrics, stats.metrics())
+    shutdown_distributed(env)
     if env.is_main:
         log.info("sft %s done in %.0fs: %s", stage.name, time.time() - started, json.dumps(metrics))
     return StageResult(

@@ -86,6 +86,15 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device)
 
 
+def shutdown_distributed(env: DistEnv) -> None:
+    """Leave the process group after the last collective (the stage's final barrier). Left to
+    interpreter exit, its communication threads can be torn down while still joinable and
+    abort the process (SIGABRT after a successful run: seen with ZeRO-3 on gloo), which fails
+    the pod."""
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.barrier()
@@ -99,9 +108,28 @@ def bf16_supported(device: torch.device) -> bool:
     return bool((probe and probe()) or (amx and amx()))
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 was asked for and the hardware has bf16 arithmetic (else the run is fp32)."""
+    return precision == "bf16" and bf16_supported(device)
+
+
+def accumulation_steps(cfg: TrainingConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank; the global batch must split evenly."""
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.global_batch_size % per_step:
+        from ..runtime import StageInputError
+
+        raise StageInputError(
+            f"training.globalBatchSize={cfg.global_batch_size} is not a multiple of microBatchSize "
+            f"({cfg.micro_batch_size}) × world size ({world_size}); choose e.g. "
+            f"{max(per_step, cfg.global_batch_size // per_step * per_step)}"
+        )
+    return cfg.global_batch_size // per_step
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast over fp32 master weights where the hardware has bf16 arithmetic."""
-    if precision == "bf16" and bf16_supported(device):
+    if uses_bf16(precision, device):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -357,8 +385,8 @@ def zero3_partitioned_loading(cfg: TrainingConfig, env: DistEnv) -> Any:
     # DeepSpeed's config reads the world size from its own comm layer: attach it to the
     # process group torch.distributed already has (else it sees a world of 1).
     deepspeed.init_distributed()
-    accumulation = max(1, cfg.global_batch_size // (cfg.micro_batch_size * env.world_size))
-    bf16 = cfg.precision == "bf16" and bf16_supported(env.device)
+    accumulation = accumulation_steps(cfg, env.world_size)
+    bf16 = uses_bf16(cfg.precision, env.device)
     if env.is_main:
         log.info("ZeRO-3: the student is loaded partitioned across %d ranks (zero.Init)", env.world_size)
     return HfDeepSpeedConfig(deepspeed_config(cfg, world_size=env.world_size, accumulation=accumulation, bf16=bf16))
@@ -426,16 +454,7 @@ class Trainer:
         self.mode = mode
         self.examples = examples
         self.rows = rows
-        per_step = cfg.micro_batch_size * env.world_size
-        if cfg.global_batch_size % per_step:
-            from ..runtime import StageInputError
-
-            raise StageInputError(
-                f"training.globalBatchSize={cfg.global_batch_size} is not a multiple of microBatchSize "
-                f"({cfg.micro_batch_size}) × world size ({env.world_size}); choose e.g. "
-                f"{max(per_step, cfg.global_batch_size // per_step * per_step)}"
-            )
-        self.accumulation = cfg.global_batch_size // per_step
+        self.accumulation = accumulation_steps(cfg, env.world_size)
         self.schedule = RowSchedule(len(rows), cfg.global_batch_size, cfg.seed)
         steps = math.ceil(cfg.epochs * len(rows) / cfg.global_batch_size)
         self.total_steps = max(1, min(steps, cfg.max_steps) if cfg.max_steps else steps)
@@ -452,7 +471,7 @@ class Trainer:
             model_any: Any = model
             model_any.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.loss_module = CausalLMLoss(model)
-        self.bf16 = cfg.precision == "bf16" and bf16_supported(env.device)
+        self.bf16 = uses_bf16(cfg.precision, env.device)
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         # bf16 on CPU: autocast re-casts weights and activations around every op, which costs
         # more than bf16 saves there (measured: autocast ≈ fp32 speed, pure bf16 ≈ 1.4–1.5×).
